@@ -1,0 +1,144 @@
+"""A thin wrapper over `mooncake.engine.TransferEngine` (shared by the vLLM and SGLang connectors).
+
+Why a wrapper: the binding reports failures as negative integers and has no notion of a deadline. Here
+every failure becomes an exception that names the peer and the operation, batches are coalesced, and each
+call runs under a timeout. Mooncake is imported lazily so importing the plugin never needs it.
+
+Metadata is exchanged peer-to-peer (``P2PHANDSHAKE``, no etcd); a peer is addressed by its session string
+``host:rpc_port`` (``TransferEngineWrapper.session``).
+
+Note: Mooncake's handshake listener and TCP transport bind all interfaces (hard-coded upstream); firewall
+the RPC/transfer ports or run inside a network namespace (docs/connector.md, "Exposure").
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import threading
+import time
+from typing import Iterable, Sequence
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("tcp", "rdma")
+
+
+class TransferError(RuntimeError):
+    """A Mooncake operation failed; ``peer`` and ``op`` say which."""
+
+    def __init__(self, op: str, peer: str, detail: str):
+        super().__init__(f"mooncake {op} with peer {peer} failed: {detail}")
+        self.op, self.peer, self.detail = op, peer, detail
+
+
+class TransferTimeout(TransferError):
+    """A Mooncake operation did not finish within its timeout."""
+
+
+def import_transfer_engine():
+    """Return the `TransferEngine` class or raise an ImportError that says what to install."""
+    try:
+        from mooncake.engine import TransferEngine  # type: ignore
+    except ImportError as exc:  # pragma: no cover - depends on the host
+        raise ImportError(
+            "the ampd connector needs the Mooncake transfer engine: pip install 'ampd-plugin[mooncake]' "
+            "(CUDA 12; mooncake-transfer-engine-cuda13 for CUDA 13) or 'ampd-plugin[mooncake-cpu]' on hosts "
+            "without CUDA (then also: apt-get install libcurl4 libibverbs1 rdma-core librdmacm1 libnuma1 "
+            f"liburing2). Import error: {exc}"
+        ) from exc
+    return TransferEngine
+
+
+def coalesce(local: Sequence[int], remote: Sequence[int], length: int) -> list[tuple[int, int, int]]:
+    """Merge equal-length (local, remote) address pairs that are contiguous on both sides into
+    ``(local, remote, length)`` runs — fewer, larger transfer descriptors."""
+    runs: list[tuple[int, int, int]] = []
+    for lo, re in zip(local, remote):
+        if runs:
+            l0, r0, n = runs[-1]
+            if l0 + n == lo and r0 + n == re:
+                runs[-1] = (l0, r0, n + length)
+                continue
+        runs.append((lo, re, length))
+    return runs
+
+
+class TransferEngineWrapper:
+    """One Mooncake engine per process: initialize, register memory, batched synchronous reads/writes."""
+
+    def __init__(self, hostname: str, protocol: str = "tcp", device: str = "", timeout_s: float = 10.0):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"mooncake protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        # Mooncake's own per-transfer deadline, so a stuck peer cannot hold our thread forever.
+        os.environ.setdefault("MC_TRANSFER_TIMEOUT", str(max(1, int(timeout_s))))
+        engine_cls = import_transfer_engine()
+        self._engine = engine_cls()
+        self.hostname = hostname
+        self.protocol = protocol
+        self.timeout_s = timeout_s
+        rc = self._engine.initialize(hostname, "P2PHANDSHAKE", protocol, device)
+        if rc != 0:
+            raise TransferError("initialize", hostname, f"rc={rc} (protocol={protocol}, device={device!r})")
+        self.rpc_port = int(self._engine.get_rpc_port())
+        self._registered: list[int] = []
+        # One thread runs the blocking calls so the caller can give up after `timeout_s`.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-te")
+        self._lock = threading.Lock()
+        log.info("mooncake transfer engine up: session %s, protocol %s", self.session, protocol)
+
+    @property
+    def session(self) -> str:
+        """This engine's peer name, ``host:rpc_port``."""
+        return f"{self.hostname}:{self.rpc_port}"
+
+    def register(self, regions: Iterable[tuple[int, int]]) -> None:
+        """Register ``(address, length)`` regions so peers may read/write them."""
+        regions = list(regions)
+        addrs = [a for a, _ in regions]
+        rc = self._engine.batch_register_memory(addrs, [n for _, n in regions])
+        if rc != 0:
+            raise TransferError("register_memory", self.session, f"rc={rc} for {len(regions)} regions")
+        self._registered.extend(addrs)
+
+    def read(self, peer: str, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int],
+             timeout_s: float | None = None) -> int:
+        """Copy ``remote[i]`` of ``peer`` into our ``local[i]`` (``lengths[i]`` bytes each); return bytes."""
+        return self._batch("read", peer, local, remote, lengths, timeout_s)
+
+    def write(self, peer: str, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int],
+              timeout_s: float | None = None) -> int:
+        """Copy our ``local[i]`` into ``remote[i]`` of ``peer``; return bytes."""
+        return self._batch("write", peer, local, remote, lengths, timeout_s)
+
+    def _batch(self, op, peer, local, remote, lengths, timeout_s) -> int:
+        if not (len(local) == len(remote) == len(lengths)):
+            raise ValueError("local, remote and lengths must have equal length")
+        if not local:
+            return 0
+        fn = self._engine.batch_transfer_sync_read if op == "read" else self._engine.batch_transfer_sync_write
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        with self._lock:
+            future = self._pool.submit(fn, peer, list(local), list(remote), list(lengths))
+            try:
+                rc = future.result(timeout=timeout)
+            except concurrent.futures.TimeoutError as exc:
+                raise TransferTimeout(op, peer, f"no completion within {timeout:.1f}s") from exc
+            except Exception as exc:  # the binding raises on malformed arguments
+                raise TransferError(op, peer, repr(exc)) from exc
+        if rc != 0:
+            raise TransferError(op, peer, f"rc={rc} after {time.monotonic() - start:.3f}s "
+                                           "(peer gone, wrong address or unregistered memory)")
+        return int(sum(lengths))
+
+    def close(self) -> None:
+        """Unregister memory and stop the helper thread (the engine itself lives until process exit)."""
+        if self._registered:
+            try:
+                self._engine.batch_unregister_memory(self._registered)
+            except Exception:  # pragma: no cover - best effort at shutdown
+                log.debug("unregister failed", exc_info=True)
+            self._registered = []
+        self._pool.shutdown(wait=False, cancel_futures=True)
