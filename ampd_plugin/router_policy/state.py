@@ -81,6 +81,8 @@ class PrefillTask:
     decode_worker: str | None = None
     task_id: str = field(default_factory=lambda: f"t{next(_task_ids)}")
     postponed: int = 0  # how many times Algorithm 2 let another task overtake this one
+    # Set by the driver when the task starts executing; lets policies charge only its remaining time.
+    started_at: float | None = None
 
 
 @dataclass(frozen=True)
@@ -164,6 +166,10 @@ class ClusterState:
 
     def record_itl(self, worker_id: str, now: float, seconds: float) -> None:
         self.worker(worker_id).itl.add(now, seconds)
+
+    def unbind_session(self, session_id: str) -> None:
+        """Forget a finished session's binding (drivers call this at session end)."""
+        self.bindings.pop(session_id, None)
 
     def unbind_worker(self, worker_id: str) -> list[str]:
         """Forget every binding to a (dead) decode worker; returns the sessions that must be rebound."""

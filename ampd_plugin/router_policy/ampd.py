@@ -1,0 +1,169 @@
+"""AMPD's routing (paper Algorithm 1) and TTFT-aware queue reordering (paper Algorithm 2).
+
+With default parameters this is the paper's policy. Two optional improvements (ARCHITECTURE §3.1 ★),
+off by default so that `ampd` means the paper:
+
+- `locality=True`: among prefill workers with TTFT slack, prefer the one that still caches the longest
+  prefix of this session (instead of a purely random one), and in the cost-model fallback charge only the
+  history the prefill worker does not already cache.
+- `itl_aware=True`: price the damage a local prefill does to the decode batch it pauses. Local is
+  refused when the paused batch's predicted ITL would break the SLO, and the fallback picks the option
+  with the fewest predicted SLO violations (TTFT of this task, ITL of the paused rounds), then the fastest.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from ampd_plugin.router_policy.base import BasePolicy
+from ampd_plugin.router_policy.spec import hookimpl
+from ampd_plugin.router_policy.state import ClusterState, PrefillTask, Route, WorkerState
+
+
+class AMPDPolicy(BasePolicy):
+    """Parameters: `alpha` (TTFT slack, 0.9), `beta` (ITL slack, 0.85), `w` (reorder window, 3),
+    `reorder` (Algorithm 2 on/off), `locality`, `itl_aware`, `output_tokens_hint` (initial guess of
+    tokens per round for `itl_aware`, refined from "output_tokens" metrics), plus the BasePolicy ones.
+    """
+
+    def __init__(
+        self,
+        cost_model: Any,
+        *,
+        alpha: float = 0.9,
+        beta: float = 0.85,
+        w: int = 3,
+        reorder: bool = True,
+        locality: bool = False,
+        itl_aware: bool = False,
+        output_tokens_hint: float = 64.0,
+        **base: Any,
+    ) -> None:
+        super().__init__(cost_model, **base)
+        if not 0 < float(alpha) <= 1 or not 0 < float(beta) <= 1:
+            raise ValueError(f"alpha and beta must be in (0, 1], got {alpha}, {beta}")
+        if int(w) < 1:
+            raise ValueError(f"w must be >= 1, got {w}")
+        self.alpha = float(alpha)
+        self.beta = float(beta)
+        self.w = int(w)
+        self.reorder = bool(reorder)
+        self.locality = bool(locality)
+        self.itl_aware = bool(itl_aware)
+        self.output_tokens = max(2.0, float(output_tokens_hint))
+        self._perms = {k: list(itertools.permutations(range(k))) for k in range(1, self.w + 1)}
+
+    # -- Algorithm 1 ----------------------------------------------------------------------------
+    @hookimpl
+    def route_prefill(self, task: PrefillTask, cluster: ClusterState) -> Route:
+        now = cluster.now
+        session = task.session_id
+
+        # 1. Any prefill worker with TTFT slack, in random order. Taking the first slack worker of a
+        #    uniformly random order is the same as a uniform choice among the slack workers.
+        gate = self.alpha * self.ttft_slo
+        slack = []
+        for p in cluster.prefill.values():
+            if p.alive:
+                mean = p.ttft.mean(now)
+                if mean is None or mean <= gate:  # no recent sample = idle = slack
+                    slack.append(p)
+        if slack:
+            if self.locality:
+                best = max(p.cached_prefix.get(session, 0) for p in slack)
+                if best > 0:
+                    slack = [p for p in slack if p.cached_prefix.get(session, 0) == best]
+            choice = slack[0] if len(slack) == 1 else slack[self.rng.randrange(len(slack))]
+            return Route("remote", choice.worker_id, "ttft-slack")
+
+        # 2. Decode worker with ITL slack: prefill locally.
+        d = cluster.decode[task.decode_worker]
+        itl = d.itl.mean(now)
+        t_local_pre = self.t_pre(task, d.layout)
+        d_backlog = self.backlog(d, now)
+        if itl is None or itl <= self.beta * self.itl_slo:
+            if not self.itl_aware or self._paused_itl(d, itl, t_local_pre + d_backlog) <= self.itl_slo:
+                return Route("local", d.worker_id, "itl-slack")
+
+        # 3. Fallback: the cheapest predicted completion (Eq. 1 and 2 of the paper).
+        t_local = t_local_pre + d_backlog
+        options: list[tuple[float, float, Route]] = []
+        local_violations = float(t_local > self.ttft_slo)
+        if self.itl_aware and d.decoding and self._paused_itl(d, itl, t_local) > self.itl_slo:
+            local_violations += d.decoding
+        options.append((local_violations if self.itl_aware else 0.0, t_local, Route("local", d.worker_id, "cost-local")))
+        for p in cluster.prefill.values():
+            if not p.alive:
+                continue
+            history = task.l_hist
+            if self.locality:
+                history -= min(history, p.cached_prefix.get(session, 0))
+            t_remote = (
+                self.t_pre(task, p.layout)
+                + self.t_kv(history, d.layout, p.layout)
+                + self.t_kv(task.l_incr, p.layout, d.layout)
+                + self.backlog(p, now)
+            )
+            violations = float(t_remote > self.ttft_slo) if self.itl_aware else 0.0
+            options.append((violations, t_remote, Route("remote", p.worker_id, "cost-remote")))
+        return min(options, key=lambda o: (o[0], o[1]))[2]  # ties keep the earlier option (local first)
+
+    def _paused_itl(self, d: WorkerState, itl: float | None, pause: float) -> float:
+        """Predicted ITL of d's running rounds if its batch pauses for `pause` seconds."""
+        if not d.decoding:
+            return 0.0
+        return (itl or 0.0) + pause / (self.output_tokens - 1)
+
+    @hookimpl
+    def on_metrics(self, worker_id: str, kind: str, value: float, now: float) -> None:
+        if kind == "output_tokens" and value >= 2:
+            self.output_tokens += 0.05 * (float(value) - self.output_tokens)  # slow running mean
+
+    # -- Algorithm 2 ----------------------------------------------------------------------------
+    @hookimpl
+    def order_queue(self, worker: WorkerState, now: float) -> list[PrefillTask] | None:
+        """Best ordering of the first `w` tasks by number meeting the TTFT SLO; ties keep the order.
+
+        A task already postponed `w` times may not be overtaken again (no starvation).
+        """
+        queue = worker.queue
+        if not self.reorder or len(queue) < 2:
+            return None
+        window = queue[: self.w]
+        k = len(window)
+        layout = worker.layout
+        durations = [self.t_pre(t, layout) for t in window]
+        waited = [now - t.enqueue_time for t in window]
+        start = self.running_remaining(worker, now)
+        frozen = [t.postponed >= self.w for t in window]
+
+        best_perm = None
+        best_score = -1
+        for perm in self._perms[k]:
+            if any(frozen[i] and _overtaken(perm, i) for i in range(k)):
+                continue
+            clock = start
+            score = 0
+            for i in perm:
+                clock += durations[i]
+                if waited[i] + clock <= self.ttft_slo:
+                    score += 1
+            if score > best_score:  # strict: the identity (first) wins ties
+                best_perm, best_score = perm, score
+        if best_perm is None or list(best_perm) == list(range(k)):
+            return None
+        for i in range(k):
+            if _overtaken(best_perm, i):
+                window[i].postponed += 1
+        return [window[i] for i in best_perm] + queue[k:]
+
+
+def _overtaken(perm: tuple[int, ...], i: int) -> bool:
+    """True when some task originally behind task i is placed before it in `perm`."""
+    for j in perm:
+        if j == i:
+            return False
+        if j > i:
+            return True
+    return False

@@ -1,0 +1,91 @@
+"""What every built-in policy shares: SLO parameters, cached cost predictions, backlog estimates, binding.
+
+Kept apart from AMPD and the baselines so none of them depends on another, and so a third-party
+policy can subclass it to get the same parameters and helpers.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any
+
+from ampd_plugin.router_policy.registry import least_loaded_decode
+from ampd_plugin.router_policy.spec import hookimpl
+from ampd_plugin.router_policy.state import ClusterState, Layout, PrefillTask, SessionInfo, WorkerState
+
+
+def _positive(name: str, value: float) -> float:
+    value = float(value)
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+class BasePolicy:
+    """SLO thresholds, the TTFT/ITL window, a seeded RNG and cost-model helpers.
+
+    Parameters: `ttft_slo`/`itl_slo` in seconds (the thresholds the policy aims for), `window_s` (how
+    far back the workers' TTFT/ITL means look), `seed` (for any random choice).
+    """
+
+    def __init__(
+        self,
+        cost_model: Any,
+        *,
+        ttft_slo: float = 2.0,
+        itl_slo: float = 0.1,
+        window_s: float = 10.0,
+        seed: int = 0,
+    ) -> None:
+        self.cost_model = cost_model
+        self.ttft_slo = _positive("ttft_slo", ttft_slo)
+        self.itl_slo = _positive("itl_slo", itl_slo)
+        self.window_s = _positive("window_s", window_s)
+        self.seed = int(seed)
+        self.rng = random.Random(self.seed)
+        # Decisions re-price the same (l_hist, l_incr, layout) triples many times; cache them.
+        self._t_pre = functools.lru_cache(maxsize=1 << 16)(cost_model.t_pre)
+        self._t_kv = functools.lru_cache(maxsize=1 << 16)(cost_model.t_kv)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(ttft_slo={self.ttft_slo}, itl_slo={self.itl_slo})"
+
+    # -- cost helpers -------------------------------------------------------------------------
+    def t_pre(self, task: PrefillTask, layout: Layout) -> float:
+        return self._t_pre(task.l_hist, task.l_incr, layout)
+
+    def t_kv(self, tokens: int, src: Layout, dst: Layout) -> float:
+        return self._t_kv(tokens, src, dst) if tokens > 0 else 0.0
+
+    def backlog(self, worker: WorkerState, now: float) -> float:
+        """Predicted seconds of prefill work ahead of a new arrival: the running task's rest + the queue."""
+        layout = worker.layout
+        total = self.running_remaining(worker, now)
+        t_pre = self._t_pre
+        for queued in worker.queue:
+            total += t_pre(queued.l_hist, queued.l_incr, layout)
+        return total
+
+    def running_remaining(self, worker: WorkerState, now: float) -> float:
+        """Predicted seconds until the worker's running prefill (if any) finishes."""
+        running = worker.running
+        if running is None:
+            return 0.0
+        full = self._t_pre(running.l_hist, running.l_incr, worker.layout)
+        if running.started_at is not None:
+            full -= now - running.started_at
+        return max(0.0, full)
+
+    def least_backlog(self, cluster: ClusterState, now: float) -> WorkerState | None:
+        """The live prefill worker with the least pending work (first in id order on ties)."""
+        live = cluster.live_prefill()
+        if not live:
+            return None
+        return min(live, key=lambda w: self.backlog(w, now))
+
+    # -- hooks --------------------------------------------------------------------------------
+    @hookimpl
+    def bind_session(self, session: SessionInfo, cluster: ClusterState) -> str | None:
+        """The paper's binding: the decode worker with the least KV memory in use."""
+        return least_loaded_decode(cluster)
