@@ -223,7 +223,7 @@ class GpuSpec:
 
 
 def _load_data(filename: str) -> dict[str, dict]:
-    text = resources.files("ampd_plugin.data").joinpath(filename).read_text(encoding="utf-8")
+    text = resources.files("ampd_plugin").joinpath("data", filename).read_text(encoding="utf-8")
     return yaml.safe_load(text) or {}
 
 
