@@ -24,8 +24,8 @@ import random
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
+from ampd_plugin.connector.params import parse_worker_address
 from ampd_plugin.router_policy.state import Route
 
 SGLANG_DEFAULT_BOOTSTRAP_PORT = 8998
@@ -64,11 +64,12 @@ class SGLangRequestPlan:
 
 
 def bootstrap_host_of(url: str) -> str:
-    """Host part of a worker URL the way SGLang's routers send it (IPv6 literals bracketed)."""
-    parts = urlsplit(url if "//" in url else f"//{url}")
-    host = parts.hostname
-    if not host:
-        raise ValueError(f"cannot take a host from worker URL {url!r}")
+    """Host part of a worker URL the way SGLang's routers send it (IPv6 literals bracketed).
+
+    Worker URLs are parsed by the one parser the router uses for every engine (`connector.params`), so a
+    malformed URL fails here with the same `ParamsError` (a ValueError) as anywhere else.
+    """
+    host = parse_worker_address(url).host
     return f"[{host}]" if ":" in host else host
 
 

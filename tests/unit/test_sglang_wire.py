@@ -52,7 +52,7 @@ def test_batched_generate_gets_lists_with_distinct_rooms():
     assert plan.decode_body["bootstrap_port"] == [SGLANG_DEFAULT_BOOTSTRAP_PORT] * 3
     rooms = plan.decode_body["bootstrap_room"]
     assert len(set(rooms)) == 3 and all(0 <= r <= MAX_BOOTSTRAP_ROOM for r in rooms)
-    single_ids = remote_prefill_bodies({"input_ids": [1, 2, 3]}, SGLangPrefillEndpoint("h:1"), room=1)
+    single_ids = remote_prefill_bodies({"input_ids": [1, 2, 3]}, SGLangPrefillEndpoint("127.0.0.1:1"), room=1)
     assert single_ids.decode_body["bootstrap_room"] == 1  # a flat id list is one prompt
 
 
@@ -73,8 +73,9 @@ def test_route_dispatch_and_errors():
 def test_hosts_and_rooms():
     assert bootstrap_host_of("http://[::1]:8000") == "[::1]"
     assert bootstrap_host_of("127.0.0.1:8000") == "127.0.0.1"
-    assert bootstrap_host_of("https://prefill-0.svc:443/v1") == "prefill-0.svc"
-    with pytest.raises(ValueError):
-        bootstrap_host_of("http://")
+    assert bootstrap_host_of("https://prefill-0.svc:443") == "prefill-0.svc"
+    for bad in ("http://", "http://h:1/v1", "h"):
+        with pytest.raises(ValueError):
+            bootstrap_host_of(bad)
     a = new_bootstrap_room(random.Random(0))
     assert a == new_bootstrap_room(random.Random(0)) and 0 <= a <= MAX_BOOTSTRAP_ROOM
