@@ -89,7 +89,7 @@ class TextSynthesizer:
 
 
 def _single_token_words(tokenizer: Tokenizer, limit: int = 4000) -> list[str]:
-    """Alphabetic vocabulary entries that encode back to exactly one token after a space."""
+    """Alphabetic vocabulary entries that are exactly one token when preceded by a space."""
     vocab = getattr(tokenizer, "get_vocab", lambda: {})()
     decode = getattr(tokenizer, "decode", None)
     words: list[str] = []
@@ -100,9 +100,7 @@ def _single_token_words(tokenizer: Tokenizer, limit: int = 4000) -> list[str]:
         if len(word) < 2 or not word.isascii() or not word.isalpha() or word in seen:
             continue
         seen.add(word)
-        if len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1 or len(
-            tokenizer.encode(word, add_special_tokens=False)
-        ) == 1:
+        if len(tokenizer.encode(" " + word, add_special_tokens=False)) == 1:  # as it appears after a space
             words.append(word)
             if len(words) >= limit:
                 break

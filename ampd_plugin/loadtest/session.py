@@ -73,7 +73,7 @@ class SessionPlayer:
     def request_body(self, messages: list[dict], max_tokens: int) -> dict:
         return {
             "model": self.model,
-            "messages": messages,
+            "messages": list(messages),  # a snapshot: the chat grows after this round
             "stream": True,
             "stream_options": {"include_usage": True},
             "max_tokens": max_tokens,
