@@ -1,0 +1,101 @@
+"""`ampd-plugin route`: start the router in front of running prefill and decode engines."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from ampd_plugin.router_policy.config import RouterConfig
+
+
+def _policy_params(values: tuple[str, ...]) -> dict:
+    import yaml
+
+    out = {}
+    for item in values:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE", param_hint="--param")
+        name, value = item.split("=", 1)
+        out[name.strip()] = yaml.safe_load(value)  # 0.9 -> float, true -> bool, 3 -> int
+    return out
+
+
+class _GreedyOption(click.Option):
+    """`--prefill URL URL ...`: also take the following non-option words (click has no nargs=-1 options)."""
+
+    def add_to_parser(self, parser, ctx):  # type: ignore[override]
+        result = super().add_to_parser(parser, ctx)
+        for name in self.opts:
+            opt = parser._long_opt.get(name) or parser._short_opt.get(name)
+            if opt is None:
+                continue
+            original = opt.process
+
+            def process(value, state, _original=original):
+                words = [value]
+                while state.rargs and not state.rargs[0].startswith("-"):
+                    words.append(state.rargs.pop(0))
+                _original(" ".join(words), state)
+
+            opt.process = process
+        return result
+
+
+@click.command("route")
+@click.option("--prefill", "prefill", multiple=True, cls=_GreedyOption, help="Prefill worker base URL (repeatable; also space-separated).")
+@click.option("--decode", "decode", multiple=True, cls=_GreedyOption, help="Decode worker base URL (repeatable; also space-separated).")
+@click.option("--policy", default=None, help="ampd | disagg | colocated | threshold | an installed plugin name.")
+@click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Policy parameter, e.g. alpha=0.9 beta=0.85 w=3.")
+@click.option("--kv-connector", type=click.Choice(["ampd", "none"]), default=None, help="KV transfer protocol of the engines.")
+@click.option("--ttft-slo", type=float, default=None, help="TTFT SLO in seconds.")
+@click.option("--itl-slo", type=float, default=None, help="ITL SLO in seconds.")
+@click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
+@click.option("--port", type=int, default=None, help="Port (default 8000).")
+@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of router settings.")
+@click.option("--api-key", envvar="AMPD_ROUTER_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' (env AMPD_ROUTER_API_KEY).")
+@click.option("--tokenizer", "--model-dir", "tokenizer", default=None, help="Tokenizer dir/name (default: the engine's model dir when local).")
+@click.option("--model", default=None, help="Served model name (default: what the engines report).")
+@click.option("--profile", default=None, help="Fitted cost-model YAML from `ampd-plugin profile`.")
+@click.option("--cost-model", default=None, help="Roofline cost model: model preset or config.json (with --gpu).")
+@click.option("--gpu", default=None, help="GPU preset for the roofline cost model.")
+@click.option("--balanced-pd-share", type=float, default=None, help="Strategy: P prefills this share of each remote prompt, D the rest.")
+@click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
+def route(prefill, decode, policy, params, kv_connector, ttft_slo, itl_slo, host, port, config_file, api_key,
+          tokenizer, model, profile, cost_model, gpu, balanced_pd_share, log_level) -> None:
+    """Run the multi-round-aware OpenAI-compatible router (binds 127.0.0.1 unless told otherwise)."""
+    cfg = RouterConfig.from_yaml(config_file) if config_file else RouterConfig()
+    split = lambda urls: [u for item in urls for u in item.split()]  # noqa: E731
+    try:
+        cfg = cfg.updated({
+            "prefill": split(prefill) or None, "decode": split(decode) or None, "policy": policy,
+            "policy_params": _policy_params(params) or None, "kv_connector": kv_connector, "ttft_slo": ttft_slo,
+            "itl_slo": itl_slo, "host": host, "port": port, "api_key": api_key, "tokenizer": tokenizer,
+            "model": model, "profile": profile, "cost_model": cost_model, "gpu": gpu,
+            "balanced_pd_share": balanced_pd_share, "log_level": log_level,
+        })
+        cfg.validate()
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    from ampd_plugin.router_policy.app import make_router
+
+    try:
+        router = make_router(cfg)
+    except ValueError as exc:
+        raise click.UsageError(str(exc))
+    import uvicorn
+
+    loop = "uvloop" if _has("uvloop") else "asyncio"
+    http = "httptools" if _has("httptools") else "h11"
+    logging.getLogger("ampd.router").info("config: %s", cfg.redacted())
+    uvicorn.run(router.app, host=cfg.host, port=cfg.port, loop=loop, http=http, access_log=False,
+                log_level=cfg.log_level, timeout_graceful_shutdown=5)
+
+
+def _has(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None

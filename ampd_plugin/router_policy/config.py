@@ -1,0 +1,89 @@
+"""Router configuration: one dataclass filled from a YAML file, then overridden by command-line flags.
+
+Keys of the YAML file are the field names below (see docs/router.md); `policy_params` is handed to the
+policy unchanged (e.g. `alpha`, `beta`, `window`), so a third-party policy can take its own parameters.
+The API key is never read from YAML into logs: `redacted()` is what gets logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class RouterConfig:
+    prefill: list[str] = field(default_factory=list)  # prefill worker base URLs
+    decode: list[str] = field(default_factory=list)  # decode worker base URLs
+    policy: str = "ampd"
+    policy_params: dict[str, Any] = field(default_factory=dict)
+    kv_connector: str = "ampd"  # "ampd" | "none" (no KV movement: every prefill local)
+    ttft_slo: float = 2.0  # seconds
+    itl_slo: float = 0.1  # seconds
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    model: str | None = None  # served model name; discovered from /v1/models when None
+    tokenizer: str | None = None  # HF tokenizer dir/name; discovered from the engine's model root when None
+    profile: str | None = None  # fitted cost-model YAML (`ampd-plugin profile`)
+    cost_model: str | None = None  # roofline: model preset or config.json path (with `gpu`)
+    gpu: str | None = None
+    # Strategies written on the sub-request primitives.
+    balanced_pd_share: float = 0.0  # >0: remote rounds split the prompt, P prefills this share, D the rest
+    migrate_on_kv_pressure: bool = True  # move a session's KV to another decode worker instead of dropping it
+    decode_kv_tokens: int | None = None  # KV capacity of a decode worker in tokens (else the cost model's)
+    # Admission and queues.
+    prefill_slots: int = 1  # prefills in flight per prefill worker (the rest wait in the router's queue)
+    local_prefill_slots: int = 1  # local prefills in flight per decode worker
+    max_body_bytes: int = 8 * 1024 * 1024
+    max_prompt_tokens: int | None = None  # else the engine's max_model_len
+    # Health and timeouts.
+    health_interval_s: float = 2.0
+    health_timeout_s: float = 2.0
+    connect_timeout_s: float = 5.0
+    upstream_timeout_s: float = 600.0  # whole request
+    read_timeout_s: float = 120.0  # between two chunks of a stream
+    session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its KV counts as released)
+    log_level: str = "info"
+    decision_log: bool = True
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "RouterConfig":
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: expected a mapping of router settings, got {type(data).__name__}")
+        return cls().updated(data, source=str(path))
+
+    def updated(self, values: dict[str, Any], source: str = "flags") -> "RouterConfig":
+        """A copy with `values` applied (None values are ignored); unknown keys are an error, not a typo."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown router setting(s) {unknown}; known: {sorted(known)}")
+        changes = {k: v for k, v in values.items() if v is not None}
+        if "policy_params" in changes:
+            changes["policy_params"] = {**self.policy_params, **changes["policy_params"]}
+        return dataclasses.replace(self, **changes)
+
+    def validate(self) -> None:
+        if not self.decode:
+            raise ValueError("at least one --decode worker is required")
+        if self.kv_connector == "mooncake":
+            raise ValueError("--kv-connector mooncake (vLLM's in-tree flow) is not supported by this router; "
+                             "use vLLM's mooncake_connector_proxy.py for that baseline, or --kv-connector ampd")
+        if self.kv_connector not in ("ampd", "none"):
+            raise ValueError(f"--kv-connector must be ampd or none, not {self.kv_connector!r}")
+        if not 0.0 <= self.balanced_pd_share < 1.0:
+            raise ValueError("balanced_pd_share must be in [0, 1)")
+        if self.ttft_slo <= 0 or self.itl_slo <= 0:
+            raise ValueError("SLOs must be positive seconds")
+
+    def redacted(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        if data.get("api_key"):
+            data["api_key"] = "***"
+        return data

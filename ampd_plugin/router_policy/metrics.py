@@ -1,0 +1,32 @@
+"""Prometheus metrics of the router, in a registry of its own (several routers may share a process in tests)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+
+
+class RouterMetrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        p = "ampd_router_"
+        self.requests = Counter(p + "requests", "HTTP requests by endpoint and status", ["endpoint", "status"], registry=r)
+        self.rounds = Counter(p + "rounds", "Rounds routed (a round = one prefill + its decode)", ["first"], registry=r)
+        self.routes = Counter(p + "routes", "Routes chosen per worker", ["route", "worker", "reason"], registry=r)
+        self.ttft = Histogram(p + "ttft_seconds", "TTFT per prefilling worker", ["worker", "route"], buckets=_LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(p + "itl_seconds", "Per-round TPOT per decode worker", ["worker"], buckets=_ITL_BUCKETS, registry=r)
+        self.queue_len = Gauge(p + "queue_length", "Prefills waiting in the router's queue per worker", ["worker"], registry=r)
+        self.reorders = Counter(p + "reorderings", "Dispatches where the policy ran a task other than the oldest", ["worker"], registry=r)
+        self.kv_bytes = Counter(p + "kv_bytes_moved", "KV bytes moved between workers (estimated from tokens)", ["kind"], registry=r)
+        self.errors = Counter(p + "errors", "Errors by kind", ["kind"], registry=r)
+        self.rebinds = Counter(p + "session_rebinds", "Sessions rebound to another decode worker", ["reason"], registry=r)
+        self.sessions = Gauge(p + "sessions", "Sessions remembered by the router", registry=r)
+        self.worker_up = Gauge(p + "worker_up", "1 when the worker's health check passes", ["worker", "kind"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

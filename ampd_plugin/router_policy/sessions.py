@@ -1,0 +1,172 @@
+"""Session identity and incremental prompt-length counting.
+
+Identity, first match wins: the `X-Session-ID` header, a `session_id` body field, the OpenAI `user`
+field. A request with none of them is a one-round session: it is routed like any first round and
+forgotten when it ends.
+
+Why a local tokenizer (not the engine's `/tokenize`): the router needs `l_hist`/`l_incr` *before* it
+picks a worker, on every round; an extra HTTP round trip to an engine API server per round costs about
+0.5 ms and doubles that server's per-request work (vllm-router's cache_aware `/render` call, measured in
+`router_anchor.md`). Loading the engine's own tokenizer files and chat template gives the same token
+count with no network. To keep the cost per round proportional to the *new* text only, each session
+remembers its last rendered prompt and its token count; a new prompt that extends it is counted as
+`old count + tokens(new suffix)` (exact up to a merge across the seam, which only the cost model sees).
+Without a tokenizer the router falls back to ~4 bytes per token and says so at start-up.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+log = logging.getLogger("ampd.router")
+
+SESSION_HEADER = "x-session-id"
+SESSION_FIELD = "session_id"
+MAX_SESSION_ID_LEN = 256
+
+
+def session_identity(headers: Mapping[str, str], body: dict) -> tuple[str, bool]:
+    """(session id, explicit?) for a request; anonymous requests get a fresh one-round id."""
+    for candidate in (headers.get(SESSION_HEADER), body.get(SESSION_FIELD), body.get("user")):
+        if isinstance(candidate, (str, int)) and not isinstance(candidate, bool):
+            sid = str(candidate).strip()
+            if sid:
+                return sid[:MAX_SESSION_ID_LEN], True
+    return f"anon-{uuid.uuid4().hex}", False
+
+
+@dataclass
+class Session:
+    """What the router remembers between rounds of one session."""
+
+    session_id: str
+    explicit: bool
+    rounds: int = 0
+    resident_tokens: int = 0  # KV tokens of this session on its bound decode worker (prompt + output)
+    resident_worker: str | None = None  # the decode worker holding them
+    last_text: str = ""  # rendered prompt of the last round (for incremental counting)
+    last_text_tokens: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+    busy: bool = False  # a round is in flight (rounds of one session are serial)
+
+
+class SessionStore:
+    """Sessions by id, with idle expiry; expiry reports the KV it frees so the router can account it."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._sessions: dict[str, Session] = {}
+
+    def get(self, session_id: str, explicit: bool) -> Session:
+        session = self._sessions.get(session_id)
+        if session is None:
+            session = Session(session_id, explicit)
+            if explicit:
+                self._sessions[session_id] = session
+        session.last_seen = time.monotonic()
+        return session
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    def __iter__(self):
+        return iter(list(self._sessions.values()))
+
+    def expire(self, now: float | None = None) -> list[Session]:
+        now = time.monotonic() if now is None else now
+        gone = [s for s in self._sessions.values() if not s.busy and now - s.last_seen > self.ttl_s]
+        for s in gone:
+            del self._sessions[s.session_id]
+        return gone
+
+    def on_worker_lost(self, worker_id: str) -> list[Session]:
+        """A decode worker died: its sessions keep their identity but lose their resident history."""
+        lost = [s for s in self._sessions.values() if s.resident_worker == worker_id]
+        for s in lost:
+            s.resident_tokens = 0
+            s.resident_worker = None
+        return lost
+
+
+class PromptCounter:
+    """Renders a request the way the engine will and counts its tokens, incrementally per session."""
+
+    def __init__(self, tokenizer: Any | None) -> None:
+        self.tokenizer = tokenizer
+        self.exact = tokenizer is not None
+
+    @classmethod
+    def load(cls, name_or_path: str | None) -> "PromptCounter":
+        if not name_or_path:
+            log.warning("no tokenizer: prompt lengths are estimated at ~4 bytes/token (pass --tokenizer for exact counts)")
+            return cls(None)
+        try:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+            log.info("tokenizer loaded from %s", name_or_path)
+            return cls(tok)
+        except Exception as exc:  # a missing or broken tokenizer must not stop the router
+            log.warning("could not load tokenizer %r (%s); estimating ~4 bytes/token", name_or_path, exc)
+            return cls(None)
+
+    def render(self, body: dict, chat: bool) -> str | list[int]:
+        """The prompt text the engine will tokenize, or the token ids the client already sent."""
+        if not chat:
+            prompt = body.get("prompt")
+            if isinstance(prompt, list):
+                if prompt and all(isinstance(t, int) for t in prompt):
+                    return prompt
+                return "".join(p if isinstance(p, str) else "" for p in prompt)
+            return prompt if isinstance(prompt, str) else ""
+        messages = body["messages"]
+        if self.tokenizer is not None and getattr(self.tokenizer, "chat_template", None):
+            try:
+                kwargs = {}
+                if body.get("tools"):
+                    kwargs["tools"] = body["tools"]
+                return self.tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True), **kwargs
+                )
+            except Exception as exc:  # templates differ; counting must never fail a request
+                log.debug("chat template failed (%s); counting plain message text", exc)
+        return "".join(f"{m.get('role', '')}: {_content_text(m.get('content'))}\n" for m in messages)
+
+    def count_text(self, text: str) -> int:
+        if not text:
+            return 0
+        if self.tokenizer is None:
+            return max(1, len(text.encode("utf-8", "ignore")) // 4)
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def token_ids(self, prompt: str | list[int]) -> list[int] | None:
+        """Exact ids (balanced PD needs them); None without a tokenizer."""
+        if isinstance(prompt, list):
+            return prompt
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+    def count(self, prompt: str | list[int], session: Session | None = None) -> int:
+        """Tokens of `prompt`, counting only the part that extends the session's last prompt."""
+        if isinstance(prompt, list):
+            return len(prompt)
+        if session is not None and session.last_text and prompt.startswith(session.last_text):
+            n = session.last_text_tokens + self.count_text(prompt[len(session.last_text):])
+        else:
+            n = self.count_text(prompt)
+        if session is not None and session.explicit:
+            session.last_text, session.last_text_tokens = prompt, n
+        return n
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    return ""

@@ -1,0 +1,225 @@
+"""In-process fake engines and a harness for the router's unit tests.
+
+`FakeEngine` is an aiohttp server speaking the OpenAI (vLLM-flavoured) format, streaming included. It
+records every request it receives, answers prefill requests (`ampd` role "prefill") with a source
+descriptor built by `connector.params`, and can be made slow, unhealthy, failing or dead. Its "model"
+is deterministic: the answer depends on the whole prompt, so a wrong or truncated relay shows.
+`RouterHarness` starts fakes plus a real uvicorn-served Router on free loopback ports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import socket
+from dataclasses import dataclass, field
+
+import aiohttp
+import uvicorn
+from aiohttp import web
+
+from ampd_plugin.connector import params as wire
+from ampd_plugin.router_policy.config import RouterConfig
+from ampd_plugin.router_policy.registry import load_policy
+from ampd_plugin.router_policy.server import Router
+from ampd_plugin.router_policy.sessions import PromptCounter
+
+MODEL = "fake-model"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def answer_tokens(prompt_key: str, n: int) -> list[str]:
+    """The fake model's greedy answer: a pure function of the prompt."""
+    seed = hashlib.sha256(prompt_key.encode()).hexdigest()
+    return [f" w{int(seed[i % 56:(i % 56) + 8], 16) % 997}" for i in range(n)]
+
+
+def prompt_key(body: dict) -> str:
+    if "messages" in body:
+        return json.dumps(body["messages"], sort_keys=True)
+    return json.dumps(body.get("prompt"))
+
+
+@dataclass
+class FakeEngine:
+    name: str
+    token_delay: float = 0.0
+    first_token_delay: float = 0.0
+    healthy: bool = True
+    fail_status: int | None = None
+    requests: list[dict] = field(default_factory=list)
+    aborted: int = 0
+    completed: int = 0
+    active: int = 0
+    port: int = 0
+    _runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self, port: int | None = None) -> "FakeEngine":
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self._complete)
+        app.router.add_post("/v1/completions", self._complete)
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        self.port = port or free_port()
+        await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
+        return self
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    def kv_roles(self) -> list[str | None]:
+        return [((r.get("kv_transfer_params") or {}).get("ampd") or {}).get("role") for r in self.requests]
+
+    async def _models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [
+            {"id": MODEL, "object": "model", "root": "/nonexistent/fake", "max_model_len": 2048}]})
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(status=200 if self.healthy else 503)
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if self.fail_status:
+            return web.json_response({"error": {"message": "injected failure", "type": "x", "code": self.fail_status}},
+                                     status=self.fail_status)
+        chat = request.path.endswith("chat/completions")
+        ampd = (body.get("kv_transfer_params") or {}).get("ampd") or {}
+        n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 8)
+        tokens = answer_tokens(prompt_key(body), n)
+        kv_out = None
+        if ampd.get("role") == "prefill":
+            source = wire.SourceDescriptor(engine=self.name, te="127.0.0.1:7000", notify="tcp://127.0.0.1:7001",
+                                           xfer=ampd["xfer"], blocks=(0, 1), tokens=16, block_size=16,
+                                           block_bytes=64, bases=(4096,))
+            kv_out = wire.response_params(source=source, stats={"read_bytes": 128})
+        if not body.get("stream"):
+            await asyncio.sleep(self.first_token_delay + self.token_delay * n)
+            self.completed += 1
+            choice = ({"index": 0, "message": {"role": "assistant", "content": "".join(tokens)}, "finish_reason": "length"}
+                      if chat else {"index": 0, "text": "".join(tokens), "finish_reason": "length"})
+            return web.json_response({"id": "x", "object": "chat.completion" if chat else "text_completion",
+                                      "model": MODEL, "choices": [choice],
+                                      "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n},
+                                      "kv_transfer_params": kv_out})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        self.active += 1
+        try:
+            def event(payload: dict) -> bytes:
+                return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
+
+            if chat:
+                await resp.write(event({"id": "x", "object": "chat.completion.chunk", "model": MODEL,
+                                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
+            await asyncio.sleep(self.first_token_delay)
+            for tok in tokens:
+                delta = {"delta": {"content": tok}} if chat else {"text": tok}
+                await resp.write(event({"id": "x", "model": MODEL, "choices": [{"index": 0, **delta, "finish_reason": None}]}))
+                if self.token_delay:
+                    await asyncio.sleep(self.token_delay)
+            await resp.write(b"data: [DONE]\n\n")
+            await resp.write_eof()
+            self.completed += 1
+        except (ConnectionResetError, asyncio.CancelledError, aiohttp.ClientConnectionResetError):
+            self.aborted += 1
+            raise
+        finally:
+            self.active -= 1
+        return resp
+
+
+class RouterHarness:
+    """Fake P/D engines + a real Router served by uvicorn on loopback; use with `async with`."""
+
+    def __init__(self, n_prefill: int = 1, n_decode: int = 1, policy: str = "ampd", policy_params: dict | None = None,
+                 **cfg) -> None:
+        self.prefill = [FakeEngine(f"P{i}") for i in range(n_prefill)]
+        self.decode = [FakeEngine(f"D{i}") for i in range(n_decode)]
+        self.policy_name = policy
+        self.policy_params = policy_params or {}
+        self.cfg_overrides = cfg
+        self.router: Router | None = None
+        self.port = 0
+        self._server: uvicorn.Server | None = None
+        self._task: asyncio.Task | None = None
+        self.client: aiohttp.ClientSession | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def __aenter__(self) -> "RouterHarness":
+        for e in self.prefill + self.decode:
+            await e.start()
+        from policy_fakes import FakeCost
+
+        self.port = free_port()
+        cfg = RouterConfig(prefill=[e.url for e in self.prefill], decode=[e.url for e in self.decode],
+                           port=self.port, health_interval_s=0.2, health_timeout_s=0.5, decision_log=True)
+        cfg = cfg.updated(self.cfg_overrides)
+        cost = FakeCost()
+        policy = load_policy(self.policy_name, cost, ttft_slo=cfg.ttft_slo, itl_slo=cfg.itl_slo, **self.policy_params)
+        self.router = Router(cfg, policy, cost, counter=PromptCounter(None))
+        config = uvicorn.Config(self.router.app, host="127.0.0.1", port=self.port, log_level="warning",
+                                access_log=False, lifespan="on", loop="asyncio")
+        self._server = uvicorn.Server(config)
+        self._task = asyncio.create_task(self._server.serve())
+        for _ in range(200):
+            if self._server.started:
+                break
+            await asyncio.sleep(0.02)
+        self.client = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=20))
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        if self.client:
+            await self.client.close()
+        if self._server:
+            self._server.should_exit = True
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._task, 10)
+        for e in self.prefill + self.decode:
+            await e.stop()
+
+    async def chat(self, messages: list[dict], session: str | None = None, stream: bool = False, max_tokens: int = 8,
+                   headers: dict | None = None, **extra) -> tuple[int, dict | str, dict]:
+        """(status, parsed JSON or concatenated streamed text, response headers)."""
+        body = {"model": MODEL, "messages": messages, "max_tokens": max_tokens, "stream": stream, **extra}
+        h = dict(headers or {})
+        if session:
+            h["X-Session-ID"] = session
+        async with self.client.post(self.url + "/v1/chat/completions", json=body, headers=h) as r:
+            if not stream or r.status != 200:
+                return r.status, await r.json(content_type=None), dict(r.headers)
+            text = []
+            async for line in r.content:
+                line = line.strip()
+                if line.startswith(b"data: ") and line != b"data: [DONE]":
+                    payload = json.loads(line[6:])
+                    for c in payload.get("choices", []):
+                        text.append(c.get("delta", {}).get("content") or "")
+            return r.status, "".join(text), dict(r.headers)
+
+    async def metrics_text(self) -> str:
+        async with self.client.get(self.url + "/metrics") as r:
+            return await r.text()
+
+
+def run(coro, timeout: float = 60):
+    return asyncio.run(asyncio.wait_for(coro, timeout))
