@@ -1,0 +1,1 @@
+"""vLLM KV connector `ampd` (facade `connector.AMPDConnector`; halves `scheduler`, `worker`)."""

@@ -1,0 +1,89 @@
+"""Transfer counters of the `ampd` connector, in vLLM's connector-stats pipeline and in Prometheus.
+
+Workers count the KV they READ (every transfer in this connector is a read by the worker that needs the
+KV, so "bytes read by D" = "bytes moved to D"). vLLM ships the counters to the API server every step;
+it logs them ("KV Transfer metrics: ...") and `AMPDPromMetrics` exports them on `/metrics` as
+`vllm:ampd_kv_read_bytes_total`, `vllm:ampd_kv_read_blocks_total`, `vllm:ampd_kv_reads_total`,
+`vllm:ampd_kv_read_failures_total` and `vllm:ampd_kv_read_seconds` (histogram).
+Per-request figures come back in each response's ``kv_transfer_params["ampd"]["stats"]``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
+
+_COUNTERS = ("read_bytes", "read_blocks", "reads", "read_failures")
+
+
+class AMPDKVConnectorStats(KVConnectorStats):
+    """``data``: the counters above plus ``read_seconds`` (list of per-read durations)."""
+
+    def __post_init__(self):
+        if not self.data:
+            self.reset()
+
+    def reset(self):
+        self.data = {name: 0 for name in _COUNTERS}
+        self.data["read_seconds"] = []
+
+    def record_read(self, nbytes: int, nblocks: int, seconds: float) -> None:
+        self.data["read_bytes"] += nbytes
+        self.data["read_blocks"] += nblocks
+        self.data["reads"] += 1
+        self.data["read_seconds"].append(seconds)
+
+    def record_failure(self) -> None:
+        self.data["read_failures"] += 1
+
+    def clone_and_reset(self) -> "AMPDKVConnectorStats":
+        out = AMPDKVConnectorStats(data={k: (list(v) if isinstance(v, list) else v) for k, v in self.data.items()})
+        self.reset()
+        return out
+
+    def is_empty(self) -> bool:
+        return self.data.get("reads", 0) == 0 and self.data.get("read_failures", 0) == 0
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name in _COUNTERS:
+            self.data[name] = self.data.get(name, 0) + other.data.get(name, 0)
+        self.data.setdefault("read_seconds", []).extend(other.data.get("read_seconds", []))
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        secs = self.data.get("read_seconds", [])
+        out: dict[str, int | float] = {name: self.data.get(name, 0) for name in _COUNTERS}
+        out["avg_read_ms"] = round(1000 * sum(secs) / len(secs), 3) if secs else 0.0
+        out["MB_read"] = round(self.data.get("read_bytes", 0) / 2**20, 3)
+        return out
+
+
+class AMPDPromMetrics(KVConnectorPromMetrics):
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        from vllm.v1.metrics.utils import create_metric_per_engine
+
+        def counter(name: str, doc: str):
+            return create_metric_per_engine(
+                self._counter_cls(name=name, documentation=doc, labelnames=labelnames), per_engine_labelvalues)
+
+        self._counters = {
+            "read_bytes": counter("vllm:ampd_kv_read_bytes", "Bytes of KV cache read from peers by the ampd connector."),
+            "read_blocks": counter("vllm:ampd_kv_read_blocks", "KV blocks read from peers by the ampd connector."),
+            "reads": counter("vllm:ampd_kv_reads", "Successful batched KV reads by the ampd connector."),
+            "read_failures": counter("vllm:ampd_kv_read_failures", "Failed KV reads by the ampd connector."),
+        }
+        self._seconds = create_metric_per_engine(
+            self._histogram_cls(name="vllm:ampd_kv_read_seconds", documentation="Duration of one batched KV read.",
+                                buckets=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
+                                labelnames=labelnames),
+            per_engine_labelvalues)
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        for name, metric in self._counters.items():
+            value = transfer_stats_data.get(name, 0)
+            if value:
+                metric[engine_idx].inc(value)
+        for seconds in transfer_stats_data.get("read_seconds", []):
+            self._seconds[engine_idx].observe(seconds)

@@ -1,0 +1,132 @@
+"""Worker half of the `ampd` connector (runs in each vLLM worker process, next to the KV memory).
+
+It registers the KV cache with Mooncake, performs the reads the scheduler planned (on one background
+thread, so the forward pass never waits for the network), tells each holder "done" so it can unpin, and
+reports finished/failed loads and transfer counters back to the scheduler.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import time
+
+from ampd_plugin.connector.transfer import TransferEngineWrapper
+from ampd_plugin.connector.vllm.config import AMPDConnectorConfig
+from ampd_plugin.connector.vllm.metadata import AMPDConnectorMetadata, AMPDHandshake, LoadSpec, read_descriptors
+from ampd_plugin.connector.vllm.stats import AMPDKVConnectorStats
+
+log = logging.getLogger("ampd_plugin.connector")
+
+
+class AMPDWorker:
+    def __init__(self, cfg: AMPDConnectorConfig, host: str, num_blocks: int):
+        self.cfg = cfg
+        self.host = host
+        self.num_blocks = num_blocks
+        self.te: TransferEngineWrapper | None = None
+        self.handshake: AMPDHandshake | None = None
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-read")
+        self._inflight: dict[str, concurrent.futures.Future] = {}
+        self._stats = AMPDKVConnectorStats()
+        self._push: dict[str, object] = {}   # notify address -> ZMQ PUSH socket (used only on the read thread)
+
+    def register_kv_caches(self, kv_caches: dict) -> None:
+        bases: list[int] = []
+        block_bytes = None
+        regions: list[tuple[int, int]] = []
+        for name, t in kv_caches.items():
+            if not t.is_contiguous():
+                raise RuntimeError(f"ampd connector: KV cache of {name} is not contiguous (layout {tuple(t.shape)}); "
+                                   "only the LBHNC layout (per layer [blocks, heads, tokens, K|V]) is supported")
+            if t.shape[0] % self.num_blocks:
+                raise RuntimeError(f"ampd connector: KV cache of {name} has {t.shape[0]} rows, "
+                                   f"not a multiple of {self.num_blocks} blocks")
+            per_block = t.nbytes // self.num_blocks
+            if block_bytes is None:
+                block_bytes = per_block
+            elif per_block != block_bytes:
+                raise RuntimeError("ampd connector: layers with different KV block sizes are not supported")
+            bases.append(t.data_ptr())
+            regions.append((t.data_ptr(), t.nbytes))
+        self.te = TransferEngineWrapper(self.host, self.cfg.protocol, self.cfg.device, self.cfg.transfer_timeout_s)
+        self.te.register(_merge_regions(regions))
+        self.handshake = AMPDHandshake(te_session=self.te.session, bases=tuple(bases), block_bytes=block_bytes or 0,
+                                       num_blocks=self.num_blocks)
+        log.info("ampd connector worker: registered %d layers (%d B/block, %d blocks) at %s", len(bases),
+                 block_bytes, self.num_blocks, self.te.session)
+
+    def start_loads(self, meta: AMPDConnectorMetadata) -> None:
+        for spec in meta.loads:
+            if spec.req_id not in self._inflight:
+                self._inflight[spec.req_id] = self._pool.submit(self._read, spec)
+
+    def _read(self, spec: LoadSpec) -> tuple[int, int, float]:
+        start = time.monotonic()
+        try:
+            if spec.error:
+                raise RuntimeError(spec.error)
+            src = spec.source
+            lo, re, ln = read_descriptors(spec.local_blocks, spec.remote_blocks, self.handshake.bases, src.bases,
+                                          src.block_bytes)
+            nbytes = self.te.read(src.te, lo, re, ln)
+            return nbytes, len(spec.local_blocks), time.monotonic() - start
+        finally:
+            self._notify(spec.source.notify, spec.source.xfer)
+
+    def _notify(self, addr: str, xfer: str) -> None:
+        import zmq
+
+        try:
+            sock = self._push.get(addr)
+            if sock is None:
+                sock = zmq.Context.instance().socket(zmq.PUSH)
+                sock.setsockopt(zmq.LINGER, 1000)
+                sock.setsockopt(zmq.SNDTIMEO, 1000)
+                sock.connect(addr)
+                self._push[addr] = sock
+            sock.send(json.dumps({"xfer": xfer}).encode(), zmq.NOBLOCK)
+        except Exception as exc:  # noqa: BLE001 - the holder's TTL releases the pin anyway
+            log.warning("ampd: could not notify %s that %s was read: %s", addr, xfer, exc)
+
+    def transfer_results(self) -> tuple[set[str], set[str]]:
+        """(finished, failed) loads since the last call; a failed load is also 'finished' (vLLM contract)."""
+        finished: set[str] = set()
+        failed: set[str] = set()
+        for req_id, fut in list(self._inflight.items()):
+            if not fut.done():
+                continue
+            del self._inflight[req_id]
+            finished.add(req_id)
+            exc = fut.exception()
+            if exc is None:
+                nbytes, nblocks, secs = fut.result()
+                self._stats.record_read(nbytes, nblocks, secs)
+            else:
+                failed.add(req_id)
+                self._stats.record_failure()
+                log.error("ampd: KV read for request %s failed: %s", req_id, exc)
+        return finished, failed
+
+    def stats(self) -> AMPDKVConnectorStats | None:
+        return None if self._stats.is_empty() else self._stats.clone_and_reset()
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for sock in self._push.values():
+            sock.close(0)
+        if self.te is not None:
+            self.te.close()
+
+
+def _merge_regions(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Merge adjacent/overlapping (addr, len) regions: layers of one KV buffer register as one region."""
+    out: list[tuple[int, int]] = []
+    for addr, n in sorted(set(regions)):
+        if out and addr <= out[-1][0] + out[-1][1]:
+            a0, n0 = out[-1]
+            out[-1] = (a0, max(a0 + n0, addr + n) - a0)
+        else:
+            out.append((addr, n))
+    return out
