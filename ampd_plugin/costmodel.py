@@ -18,7 +18,8 @@ Roofline formulas (per replica with layout tp×pp; L layers, h hidden, n_q/n_kv 
 V vocab, P_act/P_tot active/total parameters of the transformer layers, b = dtype bytes):
 
     kv_bytes_per_token = 2·L·n_kv·d·b_kv
-    prefill FLOPs      = 2·(P_act + V·h_lm)·l_incr  +  4·L·n_q·d·l_incr·(l_hist + l_incr/2)   (causal)
+    prefill FLOPs      = 2·P_act·l_incr + 2·V·h  +  4·L·n_q·d·l_incr·(l_hist + l_incr/2)   (causal;
+                         LM head for the last position only)
     prefill bytes      = W_read(l_incr) + (l_hist + 2·l_incr)·kv_bytes_per_token   (read history, write new)
     decode FLOPs       = 2·(P_act + V·h)·batch + 4·L·n_q·d·context_tokens
     decode bytes       = W_read(batch) + (context_tokens + batch)·kv_bytes_per_token
@@ -399,7 +400,8 @@ class RooflineCostModel(CostModel):
     def prefill_flops(self, l_hist: int, l_incr: int) -> float:
         m = self.model
         attn = 4 * m.num_hidden_layers * m.num_attention_heads * m.head_dim * l_incr * (l_hist + l_incr / 2)
-        return 2 * m.active_params * l_incr + attn
+        lm_head = m.vocab_size * m.hidden_size  # logits of the last position only
+        return 2 * (m.active_params - lm_head) * l_incr + 2 * lm_head + attn
 
     def prefill_bytes(self, l_hist: int, l_incr: int, layout: Layout) -> float:
         kv = (l_hist + 2 * l_incr) * self.kv_bytes_per_token * self.kv_replication(layout)

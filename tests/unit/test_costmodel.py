@@ -53,9 +53,8 @@ def test_prefill_by_hand_llama_70b_tp2():
     cm = RooflineCostModel(m, GPU, EFF)
     h, L, nq, nkv, d, inter, V = 8192, 80, 64, 8, 128, 28672, 128256
     per_layer = 2 * h * nq * d + 2 * h * nkv * d + 2 * h + 3 * h * inter
-    active = L * per_layer + V * h
     l_hist, l_incr, tp = 1000, 500, 2
-    flops = 2 * active * l_incr + 4 * L * nq * d * l_incr * (l_hist + l_incr / 2)
+    flops = 2 * L * per_layer * l_incr + 2 * V * h + 4 * L * nq * d * l_incr * (l_hist + l_incr / 2)
     weights_read = (L * per_layer + V * h) * 2
     kv = (l_hist + 2 * l_incr) * 327680
     compute = flops / (tp * 100e12 * 0.5)
