@@ -86,28 +86,35 @@ class AMPDPolicy(BasePolicy):
             if not self.itl_aware or self._paused_itl(d, itl, t_local_pre + d_backlog) <= self.itl_slo:
                 return Route("local", d.worker_id, "itl-slack")
 
-        # 3. Fallback: the cheapest predicted completion (Eq. 1 and 2 of the paper).
+        # 3. Fallback: the cheapest predicted completion (Eq. 1 and 2 of the paper). With itl_aware the
+        #    key is (predicted SLO violations, time) instead of time alone. Ties keep local.
         t_local = t_local_pre + d_backlog
-        options: list[tuple[float, float, Route]] = []
-        local_violations = float(t_local > self.ttft_slo)
-        if self.itl_aware and d.decoding and self._paused_itl(d, itl, t_local) > self.itl_slo:
-            local_violations += d.decoding
-        options.append((local_violations if self.itl_aware else 0.0, t_local, Route("local", d.worker_id, "cost-local")))
+        violations = 0.0
+        if self.itl_aware:
+            violations = float(t_local > self.ttft_slo)
+            if d.decoding and self._paused_itl(d, itl, t_local) > self.itl_slo:
+                violations += d.decoding
+        best_key = (violations, t_local)
+        best_worker = None
+        # Per-layout parts of the remote cost are the same for every worker sharing a layout object.
+        fixed: dict[int, float] = {}
         for p in cluster.prefill.values():
             if not p.alive:
                 continue
+            layout = p.layout
+            base = fixed.get(id(layout))
+            if base is None:
+                base = fixed[id(layout)] = self.t_pre(task, layout) + self.t_kv(task.l_incr, layout, d.layout)
             history = task.l_hist
             if self.locality:
                 history -= min(history, p.cached_prefix.get(session, 0))
-            t_remote = (
-                self.t_pre(task, p.layout)
-                + self.t_kv(history, d.layout, p.layout)
-                + self.t_kv(task.l_incr, p.layout, d.layout)
-                + self.backlog(p, now)
-            )
-            violations = float(t_remote > self.ttft_slo) if self.itl_aware else 0.0
-            options.append((violations, t_remote, Route("remote", p.worker_id, "cost-remote")))
-        return min(options, key=lambda o: (o[0], o[1]))[2]  # ties keep the earlier option (local first)
+            t_remote = base + self.t_kv(history, d.layout, layout) + self.backlog(p, now)
+            key = (float(t_remote > self.ttft_slo) if self.itl_aware else 0.0, t_remote)
+            if key < best_key:
+                best_key, best_worker = key, p.worker_id
+        if best_worker is None:
+            return Route("local", d.worker_id, "cost-local")
+        return Route("remote", best_worker, "cost-remote")
 
     def _paused_itl(self, d: WorkerState, itl: float | None, pause: float) -> float:
         """Predicted ITL of d's running rounds if its batch pauses for `pause` seconds."""

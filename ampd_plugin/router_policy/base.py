@@ -44,14 +44,34 @@ class BasePolicy:
         self.window_s = _positive("window_s", window_s)
         self.seed = int(seed)
         self.rng = random.Random(self.seed)
-        # Decisions re-price the same (l_hist, l_incr, layout) triples many times; cache them.
-        self._t_pre = functools.lru_cache(maxsize=1 << 16)(cost_model.t_pre)
+        # Decisions re-price the same (l_hist, l_incr) on the same layouts many times: one table of
+        # predictions per layout object, keyed by plain int tuples (cheap to hash, unlike a Layout).
+        self._pre_tables: dict[int, tuple[Layout, dict[tuple[int, int], float]]] = {}
         self._t_kv = functools.lru_cache(maxsize=1 << 16)(cost_model.t_kv)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ttft_slo={self.ttft_slo}, itl_slo={self.itl_slo})"
 
     # -- cost helpers -------------------------------------------------------------------------
+    def _table(self, layout: Layout) -> dict[tuple[int, int], float]:
+        entry = self._pre_tables.get(id(layout))
+        if entry is None or entry[0] is not layout:
+            if len(self._pre_tables) > 256:
+                self._pre_tables.clear()
+            entry = self._pre_tables[id(layout)] = (layout, {})  # holding the layout keeps its id unique
+        table = entry[1]
+        if len(table) > 1 << 16:
+            table.clear()
+        return table
+
+    def _t_pre(self, l_hist: int, l_incr: int, layout: Layout) -> float:
+        table = self._table(layout)
+        key = (l_hist, l_incr)
+        value = table.get(key)
+        if value is None:
+            value = table[key] = self.cost_model.t_pre(l_hist, l_incr, layout)
+        return value
+
     def t_pre(self, task: PrefillTask, layout: Layout) -> float:
         return self._t_pre(task.l_hist, task.l_incr, layout)
 
@@ -60,11 +80,17 @@ class BasePolicy:
 
     def backlog(self, worker: WorkerState, now: float) -> float:
         """Predicted seconds of prefill work ahead of a new arrival: the running task's rest + the queue."""
-        layout = worker.layout
         total = self.running_remaining(worker, now)
-        t_pre = self._t_pre
-        for queued in worker.queue:
-            total += t_pre(queued.l_hist, queued.l_incr, layout)
+        if worker.queue:
+            layout = worker.layout
+            table = self._table(layout)
+            get = table.get
+            for queued in worker.queue:
+                key = (queued.l_hist, queued.l_incr)
+                value = get(key)
+                if value is None:
+                    value = table[key] = self.cost_model.t_pre(queued.l_hist, queued.l_incr, layout)
+                total += value
         return total
 
     def running_remaining(self, worker: WorkerState, now: float) -> float:

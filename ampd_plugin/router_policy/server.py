@@ -40,7 +40,7 @@ from ampd_plugin.router_policy.queues import PrefillQueues
 from ampd_plugin.router_policy.registry import PolicyError
 from ampd_plugin.router_policy.sessions import PromptCounter, Session, SessionStore, session_identity
 from ampd_plugin.router_policy.state import ClusterState, Layout, PrefillTask, Route, SessionInfo, WorkerState
-from ampd_plugin.router_policy.upstream import Upstreams, WorkerDown, endpoints
+from ampd_plugin.router_policy.upstream import UpstreamTimeout, Upstreams, WorkerDown, endpoints
 
 log = logging.getLogger("ampd.router")
 decisions = logging.getLogger("ampd.router.decisions")
@@ -353,6 +353,10 @@ class Router:
                     ctx.fallback = f"retry-after-{exc.worker_id}-down"
                     if attempt == _MAX_ATTEMPTS - 1 or not self.cluster.live_decode():
                         raise RouterError(503, "no live engine could serve the request", "no_worker") from None
+                except UpstreamTimeout as exc:
+                    self._release(ctx)
+                    self._finish(ctx, ttft=None, t_first=None, t_last=None, n_out=0, ok=False)
+                    raise RouterError(504, f"the engine ({exc.worker_id}) did not answer in time", "upstream_timeout") from None
             raise AssertionError("unreachable")
         finally:
             if not ctx.stream or ctx.extra.get("relay_started") is not True:
@@ -473,7 +477,10 @@ class Router:
         resp = await self.upstreams.post(step.worker, path, orjson.dumps(body), self._headers(ctx))
         try:
             data = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            resp.close()
+            raise UpstreamTimeout(step.worker) from exc
+        except aiohttp.ClientError as exc:
             resp.close()
             raise WorkerDown(step.worker, f"prefill response broken: {exc}") from exc
         ctx.extra["prefill_done"] = time.monotonic()
@@ -528,7 +535,11 @@ class Router:
                                  media_type=resp.headers.get("content-type", "text/event-stream"))
         try:
             data = await resp.read()
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        except asyncio.TimeoutError as exc:
+            resp.close()
+            d.decoding -= 1
+            raise UpstreamTimeout(step.worker) from exc
+        except aiohttp.ClientError as exc:
             resp.close()
             d.decoding -= 1
             raise WorkerDown(step.worker, f"response broken: {exc}") from exc

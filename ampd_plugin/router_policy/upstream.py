@@ -16,6 +16,14 @@ import aiohttp
 log = logging.getLogger("ampd.router")
 
 
+class UpstreamTimeout(Exception):
+    """An engine accepted the connection but did not answer in time (slow, not necessarily dead)."""
+
+    def __init__(self, worker_id: str) -> None:
+        super().__init__(f"{worker_id} timed out")
+        self.worker_id = worker_id
+
+
 class WorkerDown(Exception):
     """An engine could not be reached (refused, reset, timed out before answering)."""
 
@@ -81,7 +89,11 @@ class Upstreams:
         url = self.eps[worker_id].url + path
         try:
             return await self.session.post(url, data=data, headers=headers)
-        except (aiohttp.ClientConnectionError, asyncio.TimeoutError, OSError) as exc:
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise WorkerDown(worker_id, f"connect timeout: {exc}") from exc
+        except asyncio.TimeoutError as exc:
+            raise UpstreamTimeout(worker_id) from exc
+        except (aiohttp.ClientConnectionError, OSError) as exc:
             raise WorkerDown(worker_id, f"{type(exc).__name__}: {exc}") from exc
 
     async def get_json(self, worker_id: str, path: str) -> dict | None:

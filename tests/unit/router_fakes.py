@@ -58,6 +58,8 @@ class FakeEngine:
     aborted: int = 0
     completed: int = 0
     active: int = 0
+    inflight: int = 0
+    max_inflight: int = 0
     port: int = 0
     _runner: web.AppRunner | None = None
 
@@ -93,6 +95,14 @@ class FakeEngine:
         return web.Response(status=200 if self.healthy else 503)
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
+        self.inflight += 1
+        self.max_inflight = max(self.max_inflight, self.inflight)
+        try:
+            return await self._answer(request)
+        finally:
+            self.inflight -= 1
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         if self.fail_status:
