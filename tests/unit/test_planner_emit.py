@@ -1,0 +1,114 @@
+"""Emitted launch artefacts: vLLM's own parser accepts every worker command, scripts pass `bash -n`,
+SGLang flags, cpu-demo specifics, and byte-identical output for identical inputs."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+import yaml
+
+from ampd_plugin.planner.emit import RouterOptions, build_deployment, render_script, write_deployment
+from ampd_plugin.planner.placement import place
+from ampd_plugin.planner.search import Candidate
+
+
+def deployment(engine="vllm", target="gpu", prefill=None, decode=None, gpus=16, per_node=8):
+    cand = Candidate(prefill or {2: 3}, decode or {4: 2}, 0.5)
+    placement = place(cand, gpus, per_node)
+    return build_deployment(cand.label(), placement, engine, "meta-llama/Llama-3.1-70B-Instruct",
+                            RouterOptions("ampd", 2.0, 0.1), target=target, max_model_len=8192)
+
+
+def _concrete(arg: str) -> str:
+    return arg.replace("${NODE0_HOST}", "127.0.0.1").replace("${NODE1_HOST}", "127.0.0.2")
+
+
+@pytest.fixture(scope="module")
+def vllm_parser():
+    pytest.importorskip("vllm")
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return lambda: make_arg_parser(FlexibleArgumentParser())
+
+
+@pytest.mark.parametrize("target", ["gpu", "cpu-demo"])
+def test_vllm_parser_accepts_every_worker_command(vllm_parser, target):
+    kw = dict(prefill={1: 1}, decode={1: 1}, gpus=2, per_node=2) if target == "cpu-demo" else {}
+    dep = deployment(target=target, **kw)
+    for w in dep.workers:
+        argv = [_concrete(a) for a in w.argv]
+        if argv[:2] == ["vllm", "serve"]:
+            args = ["--model", argv[2]] + argv[3:]  # `vllm serve MODEL` == api_server --model MODEL
+        else:
+            assert argv[:3] == ["python", "-m", "vllm.entrypoints.openai.api_server"]
+            args = argv[3:]
+        ns = vllm_parser().parse_args(args)
+        assert ns.tensor_parallel_size == w.tp
+        assert ns.port == w.port
+        assert ns.kv_transfer_config.kv_connector == "ampd"
+        assert ns.max_model_len == 8192
+
+
+def test_devices_follow_placement_and_ports_are_unique_per_node():
+    dep = deployment()
+    seen_ports, seen_devices = set(), set()
+    for w in dep.workers:
+        assert w.env["CUDA_VISIBLE_DEVICES"] == ",".join(map(str, w.devices))
+        assert len(w.devices) == w.tp
+        assert (w.node, w.port) not in seen_ports
+        seen_ports.add((w.node, w.port))
+        for d in w.devices:
+            assert (w.node, d) not in seen_devices
+            seen_devices.add((w.node, d))
+
+
+def test_sglang_commands():
+    dep = deployment(engine="sglang", prefill={4: 2}, decode={4: 2})
+    for w in dep.workers:
+        argv = w.argv
+        assert argv[:3] == ["python", "-m", "sglang.launch_server"]
+        assert argv[argv.index("--disaggregation-mode") + 1] == w.kind
+        assert argv[argv.index("--disaggregation-transfer-backend") + 1] == "ampd"
+        assert argv[argv.index("--tp-size") + 1] == str(w.tp)
+        if w.kind == "prefill":
+            assert "--disaggregation-bootstrap-port" in argv
+
+
+def test_router_command_lists_all_workers():
+    dep = deployment()
+    argv = dep.router_argv
+    assert argv[:2] == ["ampd-plugin", "route"]
+    assert argv.count("--prefill") == 3 and argv.count("--decode") == 2
+    for flag, value in (("--policy", "ampd"), ("--kv-connector", "ampd"), ("--ttft-slo", "2"), ("--itl-slo", "0.1")):
+        assert argv[argv.index(flag) + 1] == value
+
+
+@pytest.mark.parametrize("engine,target", [("vllm", "gpu"), ("sglang", "gpu"), ("vllm", "cpu-demo")])
+def test_scripts_pass_bash_n(tmp_path, engine, target):
+    kw = dict(prefill={1: 1}, decode={1: 1}, gpus=2, per_node=2) if target == "cpu-demo" else {}
+    if engine == "sglang":
+        kw = dict(prefill={4: 2}, decode={4: 2})
+    dep = deployment(engine=engine, target=target, **kw)
+    script, desc = write_deployment(dep, tmp_path / "d")
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    data = yaml.safe_load(desc.read_text())
+    assert data["workers"][0]["argv"] == dep.workers[0].argv
+    text = script.read_text()
+    if target == "cpu-demo":
+        assert "ip netns exec" in text and "VLLM_CPU_OMP_THREADS_BIND" in text
+        assert "python -m vllm.entrypoints.openai.api_server" in text
+    else:
+        assert "CUDA_VISIBLE_DEVICES=" in text
+
+
+def test_cpu_demo_needs_vllm():
+    with pytest.raises(ValueError, match="SGLang has no CPU path"):
+        deployment(engine="sglang", target="cpu-demo", prefill={1: 1}, decode={1: 1}, gpus=2, per_node=2)
+
+
+def test_emission_is_deterministic(tmp_path):
+    a = render_script(deployment())
+    b = render_script(deployment())
+    assert a == b
