@@ -18,8 +18,10 @@ Trace file (JSONL, one request = one round per line, Mooncake/AIPerf compatible)
 - `timestamp` (ms): when a session's first round is sent, from the start of the trace.
 - `delay` (ms): for later rounds, the tool/retrieval/think time between the previous round's last token
   and this round's request. A later round with only a `timestamp` gets the gap between the two send
-  timestamps (an over-estimate: it includes the previous round's service time). A first round with only
-  `delay` starts that many ms after the trace start.
+  timestamps (an over-estimate: it includes the previous round's service time); with neither, it follows
+  the previous answer at once (AIPerf's default). A first round with only `delay` starts that many ms
+  after the trace start; with neither, the session is *untimed* (AIPerf multi-turn files without a
+  schedule) and `load_workload` requires a `rate` to give it Poisson arrivals.
 - `session_id` optional: lines without one are single-round sessions (plain Mooncake traces).
 - `hash_ids` optional: kept and written back unchanged. Unknown fields are ignored.
 Lines of one session appear in round order. A bad line raises `TraceError` naming the line number.
@@ -65,6 +67,7 @@ class Session:
     session_id: str
     arrival_s: float  # when the first round is sent
     rounds: list[Round] = field(default_factory=list)
+    timed: bool = True  # False: the trace gave no arrival time (arrival_s is 0 until re-timed)
 
     def history_tokens(self, k: int) -> int:
         """Tokens of context before round k's new input: all earlier inputs and outputs (l_hist)."""
@@ -198,7 +201,8 @@ def trace_records(sessions: Iterable[Session]) -> Iterator[dict[str, Any]]:
         for k, r in enumerate(s.rounds):
             rec: dict[str, Any] = {"session_id": s.session_id}
             if k == 0:
-                rec["timestamp"] = round(s.arrival_s * 1000.0, 3)
+                if s.timed:
+                    rec["timestamp"] = round(s.arrival_s * 1000.0, 3)
             else:
                 rec["delay"] = round(s.rounds[k - 1].tool_delay_s * 1000.0, 3)
             rec["input_length"] = r.input_tokens
@@ -276,10 +280,9 @@ def parse_trace(lines: Iterable[str], input_mode: InputMode = "incremental", sou
             hash_ids = tuple(hash_ids)
         current = building.get(sid)
         if current is None:
-            if timestamp is None and delay is None:
-                raise TraceError(f"{where}: first round of session {sid!r} needs 'timestamp' (ms) or 'delay' (ms)")
-            start_ms = timestamp if timestamp is not None else delay
-            session = Session(sid, start_ms / 1000.0, [])
+            timed = timestamp is not None or delay is not None
+            start_ms = timestamp if timestamp is not None else (delay if delay is not None else 0.0)
+            session = Session(sid, start_ms / 1000.0, [], timed=timed)
             current = building[sid] = _Building(session, start_ms, 0)
             new_input = raw_input
         else:
@@ -292,7 +295,7 @@ def parse_trace(lines: Iterable[str], input_mode: InputMode = "incremental", sou
                                      f"session {sid!r} ({current.last_timestamp_ms})")
                 gap_ms = timestamp - current.last_timestamp_ms
             else:
-                raise TraceError(f"{where}: later round of session {sid!r} needs 'delay' (ms) or 'timestamp' (ms)")
+                gap_ms = 0.0  # no schedule: the next round follows the answer at once
             previous = session.rounds[-1]
             session.rounds[-1] = Round(previous.input_tokens, previous.output_tokens, gap_ms / 1000.0,
                                        previous.hash_ids)
@@ -345,6 +348,10 @@ def load_workload(name_or_path: str | Path, sessions: int | None = None, rate: f
     if not path.exists():
         raise ValueError(f"unknown workload {name!r}: not a profile ({', '.join(PROFILES)}) and no such trace file")
     out = read_trace(path, input_mode=input_mode)
+    untimed = sum(not s.timed for s in out)
+    if untimed and rate is None:
+        raise ValueError(f"{path}: {untimed} session(s) have no 'timestamp' or 'delay' on their first round; "
+                         f"give a session rate to replay them with Poisson arrivals")
     if sessions is not None:
         _check_positive(sessions=sessions)
         out = out[:sessions]
@@ -388,5 +395,6 @@ def workload_stats(sessions: Sequence[Session]) -> dict[str, Any]:
         "final_context_tokens": _describe([s.total_tokens for s in sessions]),
         "tool_delay_s": _describe(delays) if delays else None,
         "arrival_span_s": duration,
+        "untimed_sessions": sum(not s.timed for s in sessions),
         "session_rate": (len(sessions) - 1) / duration if duration > 0 else None,
     }

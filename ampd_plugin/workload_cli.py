@@ -53,6 +53,8 @@ def stats(trace: str, input_mode: str, as_json: bool) -> None:
     head.add_row("arrival span (s)", f"{summary['arrival_span_s']:.2f}")
     rate = summary["session_rate"]
     head.add_row("session rate (1/s)", f"{rate:.3f}" if rate is not None else "-")
+    if summary["untimed_sessions"]:
+        head.add_row("untimed sessions", f"{summary['untimed_sessions']} (replay with a --rate)")
     console.print(head)
     table = Table("per", "mean", "p50", "p90", "p99", "max")
     for label, key in (("rounds / session", "rounds_per_session"), ("input tokens / round", "input_tokens"),
