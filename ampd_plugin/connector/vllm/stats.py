@@ -10,6 +10,7 @@ Per-request figures come back in each response's ``kv_transfer_params["ampd"]["s
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
@@ -17,6 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorProm
 _COUNTERS = ("read_bytes", "read_blocks", "reads", "read_failures")
 
 
+@dataclasses.dataclass
 class AMPDKVConnectorStats(KVConnectorStats):
     """``data``: the counters above plus ``read_seconds`` (list of per-read durations)."""
 
@@ -29,12 +31,16 @@ class AMPDKVConnectorStats(KVConnectorStats):
         self.data["read_seconds"] = []
 
     def record_read(self, nbytes: int, nblocks: int, seconds: float) -> None:
+        if "reads" not in self.data:
+            self.reset()
         self.data["read_bytes"] += nbytes
         self.data["read_blocks"] += nblocks
         self.data["reads"] += 1
         self.data["read_seconds"].append(seconds)
 
     def record_failure(self) -> None:
+        if "reads" not in self.data:
+            self.reset()
         self.data["read_failures"] += 1
 
     def clone_and_reset(self) -> "AMPDKVConnectorStats":

@@ -100,13 +100,16 @@ class AMPDWorker:
             del self._inflight[req_id]
             finished.add(req_id)
             exc = fut.exception()
-            if exc is None:
-                nbytes, nblocks, secs = fut.result()
-                self._stats.record_read(nbytes, nblocks, secs)
-            else:
-                failed.add(req_id)
-                self._stats.record_failure()
-                log.error("ampd: KV read for request %s failed: %s", req_id, exc)
+            try:
+                if exc is None:
+                    nbytes, nblocks, secs = fut.result()
+                    self._stats.record_read(nbytes, nblocks, secs)
+                else:
+                    failed.add(req_id)
+                    self._stats.record_failure()
+                    log.error("ampd: KV read for request %s failed: %s", req_id, exc)
+            except Exception:  # noqa: BLE001 - bookkeeping must never take the engine down
+                log.exception("ampd: stats bookkeeping failed for %s", req_id)
         return finished, failed
 
     def stats(self) -> AMPDKVConnectorStats | None:
