@@ -6,6 +6,10 @@ off by default so that `ampd` means the paper:
 - `locality=True`: among prefill workers with TTFT slack, prefer the one that still caches the longest
   prefix of this session (instead of a purely random one), and in the cost-model fallback charge only the
   history the prefill worker does not already cache.
+- `predictive=True`: a busy prefill worker has TTFT slack only if this task's predicted TTFT there (its
+  queue, the running task's rest, the KV transfers and the prefill itself) is within α·SLO too — the
+  windowed mean alone lags behind a queue that is building up; an idle worker always qualifies. Among
+  the slack workers the one with the lowest predicted TTFT is taken (locality first when both are on).
 - `itl_aware=True`: price the damage a local prefill does to the decode batch it pauses. Local is
   refused when the paused batch's predicted ITL would break the SLO, and the fallback picks the option
   with the fewest predicted SLO violations (TTFT of this task, ITL of the paused rounds), then the fastest.
@@ -36,6 +40,7 @@ class AMPDPolicy(BasePolicy):
         w: int = 3,
         reorder: bool = True,
         locality: bool = False,
+        predictive: bool = False,
         itl_aware: bool = False,
         output_tokens_hint: float = 64.0,
         **base: Any,
@@ -50,6 +55,7 @@ class AMPDPolicy(BasePolicy):
         self.w = int(w)
         self.reorder = bool(reorder)
         self.locality = bool(locality)
+        self.predictive = bool(predictive)
         self.itl_aware = bool(itl_aware)
         self.output_tokens = max(2.0, float(output_tokens_hint))
         self._perms = {k: list(itertools.permutations(range(k))) for k in range(1, self.w + 1)}
@@ -63,22 +69,29 @@ class AMPDPolicy(BasePolicy):
         # 1. Any prefill worker with TTFT slack, in random order. Taking the first slack worker of a
         #    uniformly random order is the same as a uniform choice among the slack workers.
         gate = self.alpha * self.ttft_slo
+        d = cluster.decode[task.decode_worker]
         slack = []
         for p in cluster.prefill.values():
             if p.alive:
                 mean = p.ttft.mean(now)
                 if mean is None or mean <= gate:  # no recent sample = idle = slack
                     slack.append(p)
+        if slack and self.predictive:
+            predicted = {p.worker_id: self._t_remote(task, p, d, now) for p in slack}
+            # An idle worker stays eligible even for a task too long to meet the gate anywhere.
+            slack = [p for p in slack if predicted[p.worker_id] <= gate or (p.running is None and not p.queue)]
         if slack:
             if self.locality:
                 best = max(p.cached_prefix.get(session, 0) for p in slack)
                 if best > 0:
                     slack = [p for p in slack if p.cached_prefix.get(session, 0) == best]
-            choice = slack[0] if len(slack) == 1 else slack[self.rng.randrange(len(slack))]
+            if self.predictive:
+                choice = min(slack, key=lambda p: predicted[p.worker_id])
+            else:
+                choice = slack[0] if len(slack) == 1 else slack[self.rng.randrange(len(slack))]
             return Route("remote", choice.worker_id, "ttft-slack")
 
         # 2. Decode worker with ITL slack: prefill locally.
-        d = cluster.decode[task.decode_worker]
         itl = d.itl.mean(now)
         t_local_pre = self.t_pre(task, d.layout)
         d_backlog = self.backlog(d, now)
@@ -97,14 +110,15 @@ class AMPDPolicy(BasePolicy):
         best_key = (violations, t_local)
         best_worker = None
         # Per-layout parts of the remote cost are the same for every worker sharing a layout object.
-        fixed: dict[int, float] = {}
+        fixed: dict[tuple[int, int], float] = {}
         for p in cluster.prefill.values():
             if not p.alive:
                 continue
             layout = p.layout
-            base = fixed.get(id(layout))
+            shape = (layout.tp, layout.pp)
+            base = fixed.get(shape)
             if base is None:
-                base = fixed[id(layout)] = self.t_pre(task, layout) + self.t_kv(task.l_incr, layout, d.layout)
+                base = fixed[shape] = self.t_pre(task, layout) + self.t_kv(task.l_incr, layout, d.layout)
             history = task.l_hist
             if self.locality:
                 history -= min(history, p.cached_prefix.get(session, 0))
@@ -115,6 +129,14 @@ class AMPDPolicy(BasePolicy):
         if best_worker is None:
             return Route("local", d.worker_id, "cost-local")
         return Route("remote", best_worker, "cost-remote")
+
+    def _t_remote(self, task: PrefillTask, p: WorkerState, d: WorkerState, now: float) -> float:
+        """Eq. 2: predicted completion of `task` on prefill worker p (history out, increment back, queue)."""
+        history = task.l_hist
+        if self.locality:
+            history -= min(history, p.cached_prefix.get(task.session_id, 0))
+        return (self.t_pre(task, p.layout) + self.t_kv(history, d.layout, p.layout)
+                + self.t_kv(task.l_incr, p.layout, d.layout) + self.backlog(p, now))
 
     def _paused_itl(self, d: WorkerState, itl: float | None, pause: float) -> float:
         """Predicted ITL of d's running rounds if its batch pauses for `pause` seconds."""

@@ -6,7 +6,6 @@ policy can subclass it to get the same parameters and helpers.
 
 from __future__ import annotations
 
-import functools
 import random
 from typing import Any
 
@@ -45,23 +44,19 @@ class BasePolicy:
         self.seed = int(seed)
         self.rng = random.Random(self.seed)
         # Decisions re-price the same (l_hist, l_incr) on the same layouts many times: one table of
-        # predictions per layout object, keyed by plain int tuples (cheap to hash, unlike a Layout).
-        self._pre_tables: dict[int, tuple[Layout, dict[tuple[int, int], float]]] = {}
-        self._t_kv = functools.lru_cache(maxsize=1 << 16)(cost_model.t_kv)
+        # predictions per layout, keyed by plain int tuples (cheap to hash, unlike the Layout dataclass).
+        self._pre_tables: dict[tuple[int, int], dict[tuple[int, int], float]] = {}
+        self._kv_table: dict[tuple[int, int, int, int, int], float] = {}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(ttft_slo={self.ttft_slo}, itl_slo={self.itl_slo})"
 
     # -- cost helpers -------------------------------------------------------------------------
     def _table(self, layout: Layout) -> dict[tuple[int, int], float]:
-        entry = self._pre_tables.get(id(layout))
-        if entry is None or entry[0] is not layout:
-            if len(self._pre_tables) > 256:
-                self._pre_tables.clear()
-            entry = self._pre_tables[id(layout)] = (layout, {})  # holding the layout keeps its id unique
-        table = entry[1]
-        if len(table) > 1 << 16:
-            table.clear()
+        key = (layout.tp, layout.pp)
+        table = self._pre_tables.get(key)
+        if table is None or len(table) > 1 << 16:
+            table = self._pre_tables[key] = {}
         return table
 
     def _t_pre(self, l_hist: int, l_incr: int, layout: Layout) -> float:
@@ -76,7 +71,15 @@ class BasePolicy:
         return self._t_pre(task.l_hist, task.l_incr, layout)
 
     def t_kv(self, tokens: int, src: Layout, dst: Layout) -> float:
-        return self._t_kv(tokens, src, dst) if tokens > 0 else 0.0
+        if tokens <= 0:
+            return 0.0
+        key = (tokens, src.tp, src.pp, dst.tp, dst.pp)
+        value = self._kv_table.get(key)
+        if value is None:
+            if len(self._kv_table) > 1 << 16:
+                self._kv_table.clear()
+            value = self._kv_table[key] = self.cost_model.t_kv(tokens, src, dst)
+        return value
 
     def backlog(self, worker: WorkerState, now: float) -> float:
         """Predicted seconds of prefill work ahead of a new arrival: the running task's rest + the queue."""

@@ -128,6 +128,32 @@ def test_locality_charges_only_uncached_history_in_fallback():
     assert (local_aware.kind, local_aware.worker) == ("remote", "p1")  # 0.6 + 0 + 0.5 = 1.1
 
 
+def test_predictive_slack_looks_at_the_queue_not_only_the_window():
+    c = cluster(2, 1)
+    c.prefill["p0"].queue = [task(0, 1000, sid="x")]  # 1 s queued: predicted 1.615 s <= 1.8 s, still slack
+    c.prefill["p1"].queue = [task(0, 100, sid="y")]  # 0.1 s queued: predicted 0.715 s
+    paper = {ampd(seed=s).route_prefill(task(), c).worker for s in range(12)}
+    assert paper == {"p0", "p1"}  # random among windowed-slack workers
+    assert {ampd(seed=s, predictive=True).route_prefill(task(), c).worker for s in range(12)} == {"p1"}
+
+
+def test_predictive_drops_busy_workers_whose_prediction_misses_the_gate():
+    c = cluster(2, 1)
+    for p in c.prefill.values():
+        p.queue = [task(0, 1500, sid="x")]  # predicted 2.115 s > 0.9 * 2.0 although the windows are empty
+    assert ampd().route_prefill(task(), c).kind == "remote"
+    route = ampd(predictive=True).route_prefill(task(), c)
+    assert (route.kind, route.reason) == ("local", "itl-slack")
+
+
+def test_predictive_keeps_an_idle_worker_for_a_task_too_long_for_the_gate():
+    c = cluster(2, 1)
+    c.prefill["p0"].queue = [task(0, 100, sid="x")]
+    long_task = task(0, 5000)  # 5 s anywhere
+    route = ampd(predictive=True).route_prefill(long_task, c)
+    assert (route.kind, route.worker) == ("remote", "p1")
+
+
 def test_itl_aware_refuses_a_local_prefill_that_breaks_the_batch_itl():
     c = cluster(1, 1)
     pressure(c, itl=0.05)  # ITL slack under the paper's rule
