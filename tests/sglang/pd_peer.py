@@ -124,6 +124,9 @@ class Peer:
         self.senders[room] = self.sender_cls(self.manager, self.bootstrap_addr, room)
         return {"status": int(self.senders[room].poll())}
 
+    def cmd_poll(self, room: int):
+        return {"status": int(self.senders[room].poll())}
+
     def cmd_send(self, room: int, pages: list, aux_index: int, first_token: int):
         """Prefill side once the prompt is computed: wait for the decode's destinations, skip the pages
         the decode worker already holds (`pop_decode_prefix_len`, as SGLang's finalize_bootstrap), send."""

@@ -5,6 +5,8 @@ Runs inside a loopback-only network namespace (scripts/test_sglang.sh)."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from ampd_plugin.localcluster import free_ports
@@ -12,8 +14,17 @@ from ampd_plugin.localcluster import free_ports
 pytest.importorskip("sglang", reason="needs .venv-sglang (scripts/test_sglang.sh)")
 pytestmark = pytest.mark.integration
 
-SUCCESS, FAILED = 4, 0  # sglang KVPoll.Success / KVPoll.Failed
+SUCCESS, WAITING_FOR_INPUT, FAILED = 4, 2, 0  # sglang KVPoll values
 PAGE_SIZE = 4
+
+
+def wait_until(predicate, timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise TimeoutError(what)
 
 
 def _pair(start_peers):
@@ -66,6 +77,8 @@ def test_failed_peers_fail_the_request_not_the_worker(start_peers):
     # Decode worker dies after announcing its pages: the prefill side reports Failed with a reason.
     prefill.call("open_sender", room=201)
     decode.call("receive", room=201, pages=[10, 11], prefix_len=0, aux_index=1)
+    wait_until(lambda: prefill.call("poll", room=201)["status"] == WAITING_FOR_INPUT, 20,
+               "prefill never saw the decode's destinations")
     decode.kill()
     sent = prefill.call("send", room=201, pages=[1, 2], aux_index=1, first_token=1)
     assert sent["status"] == FAILED
