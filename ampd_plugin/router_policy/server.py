@@ -19,6 +19,7 @@ import hmac
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable
 
@@ -47,6 +48,7 @@ decisions = logging.getLogger("ampd.router.decisions")
 
 _JSON = "application/json"
 _MAX_ATTEMPTS = 3  # a round survives up to two dead workers before the client sees an error
+_INLINE_TOKENIZE_CHARS = 8192  # longer new text is tokenized in a thread so relays keep flowing
 
 
 @dataclass
@@ -101,6 +103,8 @@ class Router:
         self.queues = PrefillQueues(self.cluster, self._order, self._slots, self._on_queue)
         self.model_card: dict | None = {"id": cfg.model, "object": "model"} if cfg.model else None
         self._bg: list[asyncio.Task] = []
+        # One thread: HF fast tokenizers must not be called concurrently (their Rust object is borrowed).
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-tokenize")
         self._warned_no_kv = False
         self.app = Starlette(
             routes=[
@@ -148,6 +152,7 @@ class Router:
                 await t
         self._bg.clear()
         await self.upstreams.close()
+        self._tokenize_pool.shutdown(wait=False)
 
     def _capacity(self) -> int:
         try:
@@ -331,7 +336,11 @@ class Router:
         counter = self.counter or PromptCounter(None)
         prompt = counter.render(body, chat)
         extends = isinstance(prompt, str) and bool(session.last_text) and prompt.startswith(session.last_text)
-        n = counter.count(prompt, session)
+        new_chars = len(prompt) - (len(session.last_text) if extends else 0) if isinstance(prompt, str) else 0
+        if new_chars > _INLINE_TOKENIZE_CHARS:  # long text: tokenize off the event loop (Rust releases the GIL)
+            n = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, counter.count, prompt, session)
+        else:
+            n = counter.count(prompt, session)
         if n <= 0:
             raise bad_request("the prompt is empty", "empty_prompt", "messages" if chat else "prompt")
         limit = self.cfg.max_prompt_tokens
@@ -443,6 +452,13 @@ class Router:
         plan = prim.migration_plan(prim.RoundShape(new, shape.prompt_tokens, shape.l_hist), d.worker_id)
         return plan, Route("local", new, f"migrate-from-{d.worker_id}")
 
+    def _predicted_prefill(self, ctx: RoundCtx) -> float:
+        try:
+            w = self.cluster.worker(ctx.plan.queue_worker)
+            return max(0.0, float(self.cost_model.t_pre(ctx.task.l_hist, ctx.task.l_incr, w.layout)))
+        except Exception:
+            return 0.0
+
     def _release(self, ctx: RoundCtx) -> None:
         if not ctx.released and ctx.plan is not None and ctx.task is not None:
             ctx.released = True
@@ -533,6 +549,11 @@ class Router:
             ctx.extra["relay_started"] = True
             return RelayResponse(self._relay(ctx, resp, d), headers=headers,
                                  media_type=resp.headers.get("content-type", "text/event-stream"))
+        timer = None
+        if not ctx.released and ctx.plan.queue_worker == step.worker:
+            # Non-streaming: the first token is invisible, so free the prefill slot when the cost model
+            # says the prefill is done (or at the response, whichever comes first).
+            timer = asyncio.get_running_loop().call_later(self._predicted_prefill(ctx), self._release, ctx)
         try:
             data = await resp.read()
         except asyncio.TimeoutError as exc:
@@ -543,6 +564,9 @@ class Router:
             resp.close()
             d.decoding -= 1
             raise WorkerDown(step.worker, f"response broken: {exc}") from exc
+        finally:
+            if timer is not None:
+                timer.cancel()
         t_done = time.monotonic()
         d.decoding -= 1
         self._release(ctx)
@@ -693,29 +717,33 @@ class RelayResponse(Response):
 
 
 async def _race_disconnect(receive: Receive, work: Awaitable) -> tuple[Any, bool]:
-    """Run `work` until done or until the client disconnects (then cancel it); returns (result, disconnected)."""
-    task = asyncio.ensure_future(work)
+    """Run `work` until done or until the client disconnects (then cancel it); returns (result, disconnected).
+
+    The work runs in the calling task; one watcher task cancels it on `http.disconnect`.
+    """
+    current = asyncio.current_task()
+    disconnected = False
 
     async def watch() -> None:
+        nonlocal disconnected
         while True:
             msg = await receive()
             if msg["type"] == "http.disconnect":
+                disconnected = True
+                current.cancel()
                 return
 
     watcher = asyncio.ensure_future(watch())
     try:
-        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work, False
     except asyncio.CancelledError:
-        task.cancel()
+        if not disconnected:
+            raise
+        if hasattr(current, "uncancel"):  # Python ≥ 3.11
+            current.uncancel()
+        return None, True
+    finally:
         watcher.cancel()
-        raise
-    if task in done:
-        watcher.cancel()
-        return task.result(), False
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError, Exception):
-        await task
-    return None, True
 
 
 def _is_token_event(ev: bytes) -> bool:

@@ -98,6 +98,12 @@ class PromptCounter:
     def __init__(self, tokenizer: Any | None) -> None:
         self.tokenizer = tokenizer
         self.exact = tokenizer is not None
+        # The Rust tokenizer behind a transformers "fast" tokenizer: the same encode vLLM runs, without
+        # the Python wrapper's per-call overhead.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self._encode = getattr(backend, "encode", None)
+        batch_fast = getattr(backend, "encode_batch_fast", None)  # tokenizers ≥ 0.21: no offsets, ~30% faster
+        self._count_fast = (lambda text: len(batch_fast([text], add_special_tokens=False)[0].ids)) if batch_fast else None
 
     @classmethod
     def load(cls, name_or_path: str | None) -> "PromptCounter":
@@ -141,6 +147,10 @@ class PromptCounter:
             return 0
         if self.tokenizer is None:
             return max(1, len(text.encode("utf-8", "ignore")) // 4)
+        if self._count_fast is not None:
+            return self._count_fast(text)
+        if self._encode is not None:
+            return len(self._encode(text, add_special_tokens=False).ids)
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def token_ids(self, prompt: str | list[int]) -> list[int] | None:
@@ -149,6 +159,8 @@ class PromptCounter:
             return prompt
         if self.tokenizer is None:
             return None
+        if self._encode is not None:
+            return list(self._encode(prompt, add_special_tokens=False).ids)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
     def count(self, prompt: str | list[int], session: Session | None = None) -> int:
