@@ -37,7 +37,7 @@ MAX_ROUND_EVENT_NAMES = 10  # TTFT rows per round index in the web UI: r0..r9, t
 
 state = SimpleNamespace(
     store=RecordStore(), schedule=None, synthesizer=None, model="", t0=0.0, shard=Shard(),
-    hello=set(), done_workers=set(), reported=False, report=None, tokenizer_name="",
+    hello=set(), done_workers=set(), reported=False, report=None, tokenizer_name="", setup_error=None,
 )
 
 
@@ -79,7 +79,7 @@ def _options(environment):
 def prepare_player_side(environment) -> None:
     """Load the workload (this process's shard), the tokenizer and the model name."""
     opts = _options(environment)
-    state.schedule = SessionSchedule(build_sessions(opts.trace or opts.workload, opts.sessions, opts.session_rate,
+    schedule = SessionSchedule(build_sessions(opts.trace or opts.workload, opts.sessions, opts.session_rate,
                                                     opts.seed, opts.input_scale, opts.output_scale,
                                                     opts.max_rounds, is_trace=bool(opts.trace)), state.shard)
     model_id, root = discover_model(environment.host or "")
@@ -93,8 +93,9 @@ def prepare_player_side(environment) -> None:
         state.tokenizer_name = ""
     state.synthesizer = TextSynthesizer(tokenizer, seed=opts.seed, salt=opts.prompt_salt)
     _ = state.synthesizer.words  # build the word list now, not inside the first timed round
+    state.schedule = schedule  # last: users play nothing unless everything above worked
     log.info("%d sessions for this process (shard %d/%d), model %r, tokenizer %r",
-             len(state.schedule), state.shard.index, state.shard.count, state.model, state.tokenizer_name or None)
+             len(schedule), state.shard.index, state.shard.count, state.model, state.tokenizer_name or None)
 
 
 @events.init.add_listener
@@ -112,7 +113,7 @@ def on_init(environment, **_kw) -> None:
 @events.test_start.add_listener
 def on_test_start(environment, **_kw) -> None:
     state.store.clear()
-    state.reported, state.report = False, None
+    state.reported, state.report, state.setup_error = False, None, None
     state.done_workers.clear()
     runner = environment.runner
     if isinstance(runner, MasterRunner):
@@ -124,7 +125,15 @@ def on_test_start(environment, **_kw) -> None:
         return
     if not isinstance(runner, WorkerRunner):
         state.shard, state.t0 = Shard(), time.time()
-    prepare_player_side(environment)
+    state.schedule = None
+    try:
+        prepare_player_side(environment)
+    except Exception as exc:  # noqa: BLE001 — a set-up failure ends the run with a clear message
+        log.error("load test set-up failed: %s", exc)
+        state.setup_error = str(exc)
+        environment.process_exit_code = reporting.EXIT_NO_DATA
+        gevent.spawn(runner.quit)
+        return
     if isinstance(runner, WorkerRunner):
         runner.send_message(MSG_HELLO, {"sessions": len(state.schedule)})
 
@@ -146,7 +155,7 @@ class MultiRoundSessionUser(HttpUser):
     def play_next_session(self) -> None:
         schedule = state.schedule
         session = schedule.take() if schedule is not None else None
-        if session is None:
+        if session is None:  # all handed out, or set-up failed
             raise StopUser()
         try:
             delay = state.t0 + float(session.arrival_s) - time.time()
@@ -287,6 +296,8 @@ def finish_report(environment) -> dict | None:
         "output_scale": opts.output_scale, "max_rounds": opts.max_rounds,
         "workers": max(1, len(state.hello)), "wall_time_s": time.time() - state.t0 if state.t0 else None,
     }
+    if state.setup_error:
+        meta["setup_error"] = state.setup_error
     report = reporting.build_report(records, opts.ttft_slo, opts.itl_slo, opts.slo_target, meta)
     paths = reporting.write_report(report, records, opts.report_dir)
     reporting.print_report(report)
