@@ -158,7 +158,8 @@ class RouterHarness:
     """Fake P/D engines + a real Router served by uvicorn on loopback; use with `async with`."""
 
     def __init__(self, n_prefill: int = 1, n_decode: int = 1, policy: str = "ampd", policy_params: dict | None = None,
-                 **cfg) -> None:
+                 counter: PromptCounter | None = None, **cfg) -> None:
+        self.counter = counter or PromptCounter(None)
         self.prefill = [FakeEngine(f"P{i}") for i in range(n_prefill)]
         self.decode = [FakeEngine(f"D{i}") for i in range(n_decode)]
         self.policy_name = policy
@@ -185,7 +186,7 @@ class RouterHarness:
         cfg = cfg.updated(self.cfg_overrides)
         cost = FakeCost()
         policy = load_policy(self.policy_name, cost, ttft_slo=cfg.ttft_slo, itl_slo=cfg.itl_slo, **self.policy_params)
-        self.router = Router(cfg, policy, cost, counter=PromptCounter(None))
+        self.router = Router(cfg, policy, cost, counter=self.counter)
         config = uvicorn.Config(self.router.app, host="127.0.0.1", port=self.port, log_level="warning",
                                 access_log=False, lifespan="on", loop="asyncio")
         self._server = uvicorn.Server(config)

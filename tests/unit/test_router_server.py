@@ -335,3 +335,56 @@ def test_kv_pressure_migrates_the_session_to_another_decode_worker():
     p = ampd_params(req)
     assert p["role"] == "decode" and p["history"]["from"] == router.eps[first].url and p["history"]["tokens"] > 0
     assert router.cluster.bindings["m"] == new
+
+
+class IdTokenizer:
+    """Whitespace 'tokenizer' with ids, so balanced PD (which sends token ids) can run against fakes."""
+
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": [len(w) for w in text.split()]}
+
+
+def test_balanced_pd_sends_the_first_share_as_token_ids():
+    from ampd_plugin.router_policy.sessions import PromptCounter
+
+    async def main():
+        async with RouterHarness(policy="disagg", balanced_pd_share=0.5, counter=PromptCounter(IdTokenizer())) as h:
+            msgs = [{"role": "user", "content": "a b c d e f g h i j"}]
+            status, out, headers = await h.chat(msgs, session="b")
+            return status, out, headers, h.prefill[0].requests, h.decode[0].requests, msgs
+
+    status, out, headers, p_reqs, d_reqs, msgs = run(main())
+    assert status == 200 and out["choices"][0]["message"]["content"] == expected(msgs)
+    assert headers["x-ampd-route"] == "balanced"
+    n = len("user: a b c d e f g h i j".split())
+    assert len(p_reqs[0]["prompt"]) == n // 2 and p_reqs[0]["max_tokens"] == 1
+    assert ampd_params(p_reqs[0])["role"] == "prefill" and ampd_params(d_reqs[0])["role"] == "decode"
+
+
+@pytest.mark.parametrize("body", [
+    {"messages": [{"role": "user", "content": {"nested": ["x"]}}]},
+    {"messages": [{"role": "user", "content": [{"type": "text", "text": "parts"}]}]},
+    {"messages": [{"role": "user", "content": None}], "tools": "not-a-list"},
+    {"messages": [{"role": "user", "content": "hi"}], "max_tokens": "5"},
+    {"messages": [{"role": 5}]},
+    {"messages": "hello"},
+    {"prompt": [[1, 2], [3]]},
+    {"messages": [{"role": "user", "content": "hi"}], "session_id": {"x": 1}, "user": ["y"]},
+    {"messages": [{"role": "user", "content": "\udcff\u0000 odd"}]},
+])
+def test_odd_input_never_crashes_the_router(body):
+    async def main():
+        async with RouterHarness(policy="ampd") as h:
+            path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+            async with h.client.post(h.url + path, data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"}) as r:
+                status, out = r.status, await r.json(content_type=None)
+            ok_after, _, _ = await h.chat(USER, session="after")
+            return status, out, ok_after
+
+    status, out, ok_after = run(main())
+    assert status in (200, 400) and ok_after == 200
+    if status == 400:
+        assert set(out["error"]) == {"message", "type", "param", "code"}
