@@ -51,12 +51,14 @@ class Step:
     history: KVRef | None = None  # prefill: read these tokens instead of recomputing them
     recv: Recv | None = None  # generate: KV to take from elsewhere first
 
-    def kv_params(self, session: str | None, urls: Callable[[str], str], previous: dict | None, xfer: str) -> dict:
-        """The `kv_transfer_params` of this step, built with the connector's builders."""
+    def kv_params(self, session: str | None, urls: Callable[[str], str], previous: dict | None,
+                  xfer: Callable[[], str]) -> dict:
+        """The `kv_transfer_params` of this step, built with the connector's builders (`xfer()` gives the
+        round's transfer id; called only by steps that need one)."""
         if self.op == "prefill":
             h = self.history
             return wire.remote_prefill_params(
-                xfer,
+                xfer(),
                 history_from=urls(h.holder) if h and h.tokens > 0 else None,
                 history_tokens=h.tokens if h else 0,
                 session=session,
@@ -66,7 +68,7 @@ class Step:
         if self.recv.from_previous:
             return wire.decode_params(previous or {}, session=session)
         ref = self.recv.ref
-        return wire.migrate_params(xfer, history_from=urls(ref.holder), history_tokens=ref.tokens, session=session)
+        return wire.migrate_params(xfer(), history_from=urls(ref.holder), history_tokens=ref.tokens, session=session)
 
 
 @dataclass

@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import itertools
 import logging
 import time
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable
@@ -48,6 +48,7 @@ decisions = logging.getLogger("ampd.router.decisions")
 
 _JSON = "application/json"
 _MAX_ATTEMPTS = 3  # a round survives up to two dead workers before the client sees an error
+_request_ids = itertools.count()
 _INLINE_TOKENIZE_CHARS = 8192  # longer new text is tokenized in a thread so relays keep flowing
 
 
@@ -350,7 +351,7 @@ class Router:
         if not extends and session.resident_tokens:
             session.resident_tokens = 0  # the client rewrote history: what the worker holds is not a prefix
         ctx = RoundCtx(session, chat, body, body.get("stream") is True, prompt, n, t0,
-                       request.headers.get("x-request-id") or uuid.uuid4().hex)
+                       request.headers.get("x-request-id") or f"ampd-{next(_request_ids)}")
         session.busy = True
         try:
             for attempt in range(_MAX_ATTEMPTS):
@@ -489,7 +490,7 @@ class Router:
             body = {"model": ctx.body.get("model") or (self.model_card or {}).get("id"), "prompt": ctx.token_ids[: step.end],
                     "max_tokens": 1, "stream": False, "temperature": 0}
             path = "/v1/completions"
-        body["kv_transfer_params"] = step.kv_params(self._session_param(ctx), self._url, None, self._xfer(ctx))
+        body["kv_transfer_params"] = step.kv_params(self._session_param(ctx), self._url, None, lambda: self._xfer(ctx))
         resp = await self.upstreams.post(step.worker, path, orjson.dumps(body), self._headers(ctx))
         try:
             data = await resp.read()
@@ -526,7 +527,7 @@ class Router:
     async def _generate(self, ctx: RoundCtx, step: prim.Step, previous: dict | None) -> Response:
         body = dict(ctx.body)
         try:
-            kv = step.kv_params(self._session_param(ctx), self._url, previous, self._xfer(ctx))
+            kv = step.kv_params(self._session_param(ctx), self._url, previous, lambda: self._xfer(ctx))
         except wire.ParamsError as exc:  # no usable source from the prefill: compute everything on D
             log.warning("no KV source for %s (%s); decode worker computes the whole prompt", ctx.session.session_id, exc)
             ctx.fallback = ctx.fallback or "no-kv-source"

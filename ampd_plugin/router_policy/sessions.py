@@ -16,6 +16,7 @@ Without a tokenizer the router falls back to ~4 bytes per token and says so at s
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 import uuid
@@ -27,6 +28,8 @@ log = logging.getLogger("ampd.router")
 SESSION_HEADER = "x-session-id"
 SESSION_FIELD = "session_id"
 MAX_SESSION_ID_LEN = 256
+_RUN = uuid.uuid4().hex[:8]  # anonymous ids are unique per router process without a uuid per request
+_anonymous = itertools.count()
 
 
 def session_identity(headers: Mapping[str, str], body: dict) -> tuple[str, bool]:
@@ -36,7 +39,7 @@ def session_identity(headers: Mapping[str, str], body: dict) -> tuple[str, bool]
             sid = str(candidate).strip()
             if sid:
                 return sid[:MAX_SESSION_ID_LEN], True
-    return f"anon-{uuid.uuid4().hex}", False
+    return f"anon-{_RUN}-{next(_anonymous)}", False
 
 
 @dataclass

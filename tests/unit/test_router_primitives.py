@@ -10,7 +10,7 @@ SOURCE = wire.response_params(source=wire.SourceDescriptor(
 
 
 def kv(step, previous=None):
-    return wire.parse(step.kv_params("sess", URLS.__getitem__, previous, "xfer-1"))
+    return wire.parse(step.kv_params("sess", URLS.__getitem__, previous, lambda: "xfer-1"))
 
 
 def test_local_plan_is_one_generate_with_retention():
