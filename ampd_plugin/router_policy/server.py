@@ -374,6 +374,8 @@ class Router:
 
     # ------------------------------------------------------------------------------ one attempt
     async def _attempt(self, ctx: RoundCtx) -> Response:
+        ctx.extra.pop("xfer", None)  # a retry is a new transfer
+        ctx.extra.pop("prefill_done", None)
         now = time.monotonic()
         self.cluster.now = now
         s = ctx.session

@@ -170,6 +170,8 @@ def test_dead_decode_worker_between_rounds_rebinds_and_prefills_in_full():
     first, status, out2, h2, p_reqs, metrics, msgs = run(main())
     assert status == 200 and out2 == expected(msgs) and h2["x-ampd-decode"] != first
     assert ampd_params(p_reqs[-1]).get("history") is None  # full prefill: the history died with its worker
+    xfers = [ampd_params(r)["xfer"] for r in p_reqs]
+    assert len(set(xfers)) == len(xfers)  # a retried round is a new transfer
     assert f'ampd_router_worker_up{{kind="decode",worker="{first}"}} 0.0' in metrics
     assert "ampd_router_session_rebinds_total" in metrics
 
