@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import itertools
 import logging
@@ -139,6 +140,10 @@ class Router:
         if self.cfg.max_prompt_tokens is None and card and isinstance(card.get("max_model_len"), int):
             self.cfg.max_prompt_tokens = card["max_model_len"]
         self._bg.append(asyncio.create_task(self.upstreams.health_loop(self.cfg.health_interval_s, self._health_tick)))
+        # Everything loaded so far (tokenizer, libraries) lives for the whole run: keep it out of the
+        # garbage collector's scans so a full collection never pauses the relay.
+        gc.collect()
+        gc.freeze()
         log.info("router ready: policy=%s connector=%s prefill=%s decode=%s model=%s",
                  getattr(self.policy, "name", self.policy), self.cfg.kv_connector,
                  [e.url for e in self.eps.values() if e.kind == "prefill"],

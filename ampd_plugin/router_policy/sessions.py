@@ -114,9 +114,17 @@ class PromptCounter:
             log.warning("no tokenizer: prompt lengths are estimated at ~4 bytes/token (pass --tokenizer for exact counts)")
             return cls(None)
         try:
-            from transformers import AutoTokenizer
+            # PreTrainedTokenizerFast: the same Rust tokenizer and chat-template rendering as the model's own
+            # class, without AutoTokenizer's model-config probing, which imports torch (+1 GB RSS, and a
+            # 90 ms full-GC pause over its objects). Slow-only tokenizers (no tokenizer.json) fall back.
+            from transformers import PreTrainedTokenizerFast
 
-            tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
+            try:
+                tok = PreTrainedTokenizerFast.from_pretrained(name_or_path, local_files_only=True)
+            except Exception:
+                from transformers import AutoTokenizer
+
+                tok = AutoTokenizer.from_pretrained(name_or_path, local_files_only=True)
             log.info("tokenizer loaded from %s", name_or_path)
             return cls(tok)
         except Exception as exc:  # a missing or broken tokenizer must not stop the router
