@@ -32,12 +32,14 @@ MAX_TOKENS = 12
 class RouterProc:
     """`ampd-plugin route ...` as a subprocess (the way users run it), stopped by PID."""
 
-    def __init__(self, prefill: list[str], decode: list[str], policy: str, model: Path, log_dir: Path, *extra: str):
+    def __init__(self, prefill: list[str], decode: list[str], policy: str, model: Path | None, log_dir: Path, *extra: str):
         self.port = lc.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_dir / f"router-{policy}-{self.port}.log"
         argv = [sys.executable, "-m", "ampd_plugin.cli", "route", "--policy", policy, "--port", str(self.port),
-                "--tokenizer", str(model), "--kv-connector", "ampd", *extra]
+                "--kv-connector", "ampd", *extra]
+        if model is not None:  # else the router finds the tokenizer in the model dir the engines report
+            argv += ["--tokenizer", str(model)]
         if prefill:
             argv += ["--prefill", *prefill]
         argv += ["--decode", *decode]
@@ -120,7 +122,7 @@ def log_dir(pd_cluster, tmp_path_factory) -> Path:
 def routers(pd_cluster, log_dir):
     """One router per route regime: forced local (colocated), forced remote (disagg), AMPD deciding.
 
-    The AMPD router gets a TTFT SLO so tight that after one remote round the prefill worker counts as
+    The AMPD router finds its tokenizer through the engines' /v1/models `root`. It gets a TTFT SLO so tight that after one remote round the prefill worker counts as
     pressured, and a generous ITL SLO, so Algorithm 1 must use both routes within one conversation.
     """
     c = pd_cluster
@@ -128,7 +130,7 @@ def routers(pd_cluster, log_dir):
     try:
         made["local"] = RouterProc([c.prefill.url], [c.decode.url], "colocated", c.model, log_dir)
         made["remote"] = RouterProc([c.prefill.url], [c.decode.url], "disagg", c.model, log_dir)
-        made["ampd"] = RouterProc([c.prefill.url], [c.decode.url], "ampd", c.model, log_dir,
+        made["ampd"] = RouterProc([c.prefill.url], [c.decode.url], "ampd", None, log_dir,
                                   "--ttft-slo", "0.001", "--itl-slo", "30")
         yield made
     finally:
