@@ -39,7 +39,8 @@ print(json.dumps({
     "prefill_lookup": prefill.get_kv_class(b, KVClassType.SENDER).__name__,
     "mooncake_untouched": get_kv_class(TransferBackend.MOONCAKE, KVClassType.MANAGER).__name__,
     "hooked": [hasattr(Scheduler._add_request_to_queue, "__wrapped__"),
-               hasattr(Scheduler.get_next_disagg_decode_batch_to_run, "__wrapped__")],
+               hasattr(Scheduler.get_next_disagg_decode_batch_to_run, "__wrapped__"),
+               hasattr(Scheduler.is_fully_idle, "__wrapped__")],
 }))
 """
 
@@ -55,7 +56,7 @@ def test_plugin_loads_through_entry_point_in_fresh_process():
                               "receiver": "AmpdKVReceiver", "bootstrap_server": "AmpdKVBootstrapServer"}
     assert got["decode_lookup"] == "AmpdKVReceiver" and got["prefill_lookup"] == "AmpdKVSender"
     assert got["mooncake_untouched"] == "MooncakeKVManager"
-    assert got["hooked"] == [True, True]
+    assert got["hooked"] == [True, True, True]
 
 
 def test_import_ampd_plugin_never_imports_sglang():
@@ -188,3 +189,12 @@ def test_local_prefill_disabled_by_env(scheduler, monkeypatch):
     local = make_req("a", AMPD_LOCAL_BOOTSTRAP_HOST)
     scheduler._add_request_to_queue(local)
     assert scheduler.prealloc == [local]
+
+
+def test_queued_local_work_is_not_idle(scheduler):
+    import ampd_plugin.connector.sglang.local_prefill as lp
+
+    assert lp.is_fully_idle_around(lambda self: True, scheduler) is True
+    scheduler._add_request_to_queue(make_req("a", AMPD_LOCAL_BOOTSTRAP_HOST))
+    assert lp.is_fully_idle_around(lambda self: True, scheduler) is False
+    assert lp.is_fully_idle_around(lambda self: False, scheduler) is False

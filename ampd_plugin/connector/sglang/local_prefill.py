@@ -15,6 +15,8 @@ there on a decode scheduler — `get_new_batch_prefill` (PrefillAdder, radix-cac
    unfinished chunk), then, while local work waits, run `get_new_batch_prefill` with the local queue in
    the place of `waiting_queue`. The prefix match hits the history the decode worker already holds, so
    only the new tokens are computed. Otherwise SGLang's decode step runs unchanged.
+3. `Scheduler.is_fully_idle` (AROUND): queued local work counts as busy, so idle housekeeping (the
+   memory-leak check) never runs while a local request or chunk holds pages.
 
 Checked against SGLang 0.5.23 (code reading + the hooks installing on the real Scheduler class; no model
 forward could run on this CPU-only machine): normal event loop, chunked prefill (a chunk in flight keeps
@@ -37,6 +39,7 @@ logger = logging.getLogger(__name__)
 SCHEDULER = "sglang.srt.managers.scheduler.Scheduler"
 ADD_REQUEST_TARGET = f"{SCHEDULER}._add_request_to_queue"
 NEXT_BATCH_TARGET = f"{SCHEDULER}.get_next_disagg_decode_batch_to_run"
+IDLE_TARGET = f"{SCHEDULER}.is_fully_idle"
 STATE_ATTR = "_ampd_local_prefill"
 
 
@@ -52,6 +55,7 @@ class LocalPrefillState:
 def register_hooks(registry, hook_type) -> None:
     registry.register(ADD_REQUEST_TARGET, add_request_around, hook_type.AROUND)
     registry.register(NEXT_BATCH_TARGET, next_batch_around, hook_type.AROUND)
+    registry.register(IDLE_TARGET, is_fully_idle_around, hook_type.AROUND)
 
 
 def state_of(scheduler) -> Optional[LocalPrefillState]:
@@ -86,6 +90,8 @@ def add_request_around(original, self, req, is_retracted: bool = False):
         req.staged_prefetch_plan = None
     state.queue.append(req)
     req.time_stats.set_wait_queue_entry_time()
+    # Aging input of SGLang's HRRN ordering, as the NULL-mode path records it.
+    req.arrival_processed_tokens = getattr(self, "processed_tokens_counter", 0)
     return None
 
 
@@ -103,6 +109,15 @@ def next_batch_around(original, self, running_batch):
         # merge newly transferred requests, which it forbids while a chunk is pending.
         return _decode_only_plan(self, running_batch)
     return original(self, running_batch)
+
+
+def is_fully_idle_around(original, self, *args, **kwargs):
+    """Queued or half-done local prefills mean busy: idle housekeeping (leak checks) must wait."""
+    idle = original(self, *args, **kwargs)
+    state = state_of(self)
+    if idle and state is not None and (state.queue or state.extend_batch is not None or self.chunked_req):
+        return False
+    return idle
 
 
 def _fold_last_extend(self, state: LocalPrefillState, running_batch):
