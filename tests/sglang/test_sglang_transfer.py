@@ -82,6 +82,7 @@ def test_failed_peers_fail_the_request_not_the_worker(start_peers):
     decode.kill()
     sent = prefill.call("send", room=201, pages=[1, 2], aux_index=1, first_token=1)
     assert sent["status"] == FAILED
+    print("prefill-side reason:", sent["reason"])
     assert "mooncake write" in sent["reason"] or "decode" in sent["reason"], sent
 
     # The prefill worker keeps serving other decode workers.
@@ -96,4 +97,5 @@ def test_failed_peers_fail_the_request_not_the_worker(start_peers):
     prefill.kill()
     got = decode2.call("wait", room=203, aux_index=3)
     assert got["status"] == FAILED
+    print("decode-side reason:", got["reason"])
     assert "prefill" in got["reason"].lower(), got
