@@ -82,6 +82,8 @@ class Deployment:
         return self.prefill.gpus + self.decode.gpus
 
     def __str__(self) -> str:
+        if self.prefill.count == 0:
+            return f"D {self.decode} (co-located)"
         return f"P {self.prefill} + D {self.decode}"
 
     def to_dict(self) -> dict:
