@@ -20,10 +20,14 @@ REPLY_TIMEOUT_S = 120.0
 def pytest_collection_modifyitems(config, items):
     try:
         import sglang  # noqa: F401
+
+        skip = None
     except ImportError:
         skip = pytest.mark.skip(reason="needs SGLang: run scripts/test_sglang.sh (uses .venv-sglang)")
-        for item in items:
-            if HERE in Path(str(item.fspath)).parents:
+    for item in items:
+        if HERE in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.sglang)
+            if skip is not None:
                 item.add_marker(skip)
 
 
