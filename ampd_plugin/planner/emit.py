@@ -33,10 +33,14 @@ SGLANG_BOOTSTRAP_BASE = 8998
 ROUTER_PORT = 8000
 
 
-def vllm_kv_transfer_config() -> str:
-    """The `--kv-transfer-config` JSON selecting our connector. Every AMPD worker both sends and
-    receives KV (decode workers export history for remote incremental prefills), hence kv_both."""
-    return json.dumps({"kv_connector": "ampd", "kv_role": "kv_both"}, separators=(",", ":"))
+def vllm_kv_transfer_config(target: str = "gpu") -> str:
+    """The `--kv-transfer-config` JSON selecting our connector: the connector's own definition
+    (`localcluster.kv_transfer_config`; every AMPD worker is kv_both), over RDMA on GPU clusters and TCP
+    on the CPU demo."""
+    from ampd_plugin.localcluster import kv_transfer_config
+
+    protocol = "tcp" if target == "cpu-demo" else "rdma"
+    return json.dumps(kv_transfer_config({"protocol": protocol}), separators=(",", ":"))
 
 
 @dataclass
@@ -105,7 +109,9 @@ def _worker_argv(engine: str, target: str, model: str, r: Replica, port: int, bo
         else:
             argv = ["vllm", "serve", model]
         argv += ["--tensor-parallel-size", str(r.degree), "--host", host, "--port", str(port),
-                 "--kv-transfer-config", vllm_kv_transfer_config()]
+                 "--kv-transfer-config", vllm_kv_transfer_config(target)]
+        if target == "cpu-demo":
+            argv += ["--dtype", "bfloat16"]
         if max_model_len:
             argv += ["--max-model-len", str(max_model_len)]
         return argv

@@ -1,0 +1,398 @@
+"""`ampd-plugin profile`: measure a running engine and fit the cost model's coefficients.
+
+Why measure through the OpenAI API: it is what every engine (vLLM, SGLang) serves, and what the router
+sees, so HTTP and scheduling overheads land in the fitted constant term where they belong.
+
+- **Incremental prefill** T_pre(l_hist, l_incr): for each grid point send a fresh random history
+  (token ids, block-aligned) with `max_tokens=1` so the engine's prefix cache holds it, then send
+  history + increment streamed and time the first token. Only the increment is computed the second time,
+  exactly like round k of a session on the worker that kept its history.
+- **Decode step** T_dec(batch, context): `batch` concurrent streams with `context`-token prompts and
+  `ignore_eos`; the step time is the median gap between streamed tokens while all streams are running.
+- **KV transfer** T_kv(tokens) (two endpoints running the `ampd` connector): a remote prefill on the first
+  endpoint, then the decode request on the second reads the KV; its TTFT minus that of the same, now
+  cached, prompt is the transfer. Without the connector the link is recorded as assumed (`--assume-link-gbps`).
+Coefficients are non-negative least squares (`costmodel.fit_prefill/fit_decode`); the fit error is reported
+and stored with the raw samples in the YAML's `meta`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import aiohttp
+import click
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ampd_plugin.costmodel import (FittedCostModel, LayoutCoefficients, LinkCoefficients, fit_decode, fit_prefill,
+                                   load_model_spec)
+from ampd_plugin.router_policy.state import Layout
+
+TOKEN_LOW, TOKEN_HIGH = 10, 250  # ids valid in any vocabulary of ≥ 256 tokens
+
+
+class ProfileError(RuntimeError):
+    """The engine did not answer as an OpenAI-compatible server should; the message says what it did."""
+
+
+@dataclass
+class Grid:
+    hist: Sequence[int] = (0, 256, 1024)
+    incr: Sequence[int] = (32, 256, 768)
+    batches: Sequence[int] = (1, 4, 8)
+    contexts: Sequence[int] = (128, 1024)
+    transfer: Sequence[int] = (256, 1024)
+    decode_tokens: int = 24
+    repeats: int = 2
+    block_size: int = 16
+
+    def aligned_hist(self) -> list[int]:
+        """History lengths rounded down to whole KV blocks (only full blocks are prefix-cached)."""
+        return sorted({h - h % self.block_size for h in self.hist})
+
+
+@dataclass
+class Samples:
+    prefill: list[tuple[int, int, float]] = field(default_factory=list)  # (l_hist, l_incr, seconds)
+    decode: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context_tokens, seconds)
+    transfer: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
+
+
+# --------------------------------------------------------------------------------------- engine client
+class Engine:
+    """The few OpenAI-API calls profiling needs (aiohttp; bounded timeouts)."""
+
+    def __init__(self, url: str, session: aiohttp.ClientSession, timeout_s: float):
+        self.url = url.rstrip("/")
+        self.http = session
+        self.timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self.model: str | None = None
+        self.root: str | None = None
+
+    async def discover(self) -> None:
+        try:
+            async with self.http.get(f"{self.url}/v1/models", timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    raise ProfileError(f"{self.url}/v1/models answered HTTP {resp.status}: {(await resp.text())[:300]}")
+                data = await resp.json()
+        except aiohttp.ClientError as exc:
+            raise ProfileError(f"cannot reach {self.url}: {exc}") from None
+        models = data.get("data") or []
+        if not models:
+            raise ProfileError(f"{self.url}/v1/models lists no model")
+        self.model = models[0].get("id")
+        self.root = models[0].get("root") or self.model
+
+    def body(self, ids: list[int], max_tokens: int, stream: bool, kv: dict | None = None) -> dict:
+        body: dict[str, Any] = {"model": self.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+                                "ignore_eos": True, "stream": stream}
+        if kv is not None:
+            body["kv_transfer_params"] = kv
+        return body
+
+    async def complete(self, ids: list[int], max_tokens: int = 1, kv: dict | None = None) -> dict:
+        """Non-streaming completion; returns the JSON body."""
+        async with self.http.post(f"{self.url}/v1/completions", json=self.body(ids, max_tokens, False, kv),
+                                  timeout=self.timeout) as resp:
+            if resp.status != 200:
+                raise ProfileError(f"{self.url}/v1/completions answered HTTP {resp.status}: {(await resp.text())[:300]}")
+            return await resp.json()
+
+    async def stream(self, ids: list[int], max_tokens: int, kv: dict | None = None) -> list[float]:
+        """Streamed completion; returns the arrival time (perf_counter, relative to send) of every token chunk."""
+        t0 = time.perf_counter()
+        times: list[float] = []
+        async with self.http.post(f"{self.url}/v1/completions", json=self.body(ids, max_tokens, True, kv),
+                                  timeout=self.timeout) as resp:
+            if resp.status != 200:
+                raise ProfileError(f"{self.url}/v1/completions answered HTTP {resp.status}: {(await resp.text())[:300]}")
+            async for raw in resp.content:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                payload = line[5:].strip()
+                if payload == b"[DONE]":
+                    break
+                chunk = json.loads(payload)
+                choices = chunk.get("choices") or []
+                if choices and (choices[0].get("text") or choices[0].get("token_ids")):
+                    times.append(time.perf_counter() - t0)
+        if not times:
+            raise ProfileError(f"{self.url}: a streamed completion produced no token")
+        return times
+
+    async def kv_capacity_tokens(self) -> int | None:
+        """vLLM: `vllm:cache_config_info` (num_gpu_blocks × block_size); SGLang: max_total_num_tokens."""
+        try:
+            async with self.http.get(f"{self.url}/metrics", timeout=self.timeout) as resp:
+                if resp.status == 200:
+                    text = await resp.text()
+                    m = re.search(r"vllm:cache_config_info\{([^}]*)\}", text)
+                    if m:
+                        labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                        blocks = labels.get("num_gpu_blocks") or labels.get("num_cpu_blocks")
+                        if blocks and blocks != "None" and labels.get("block_size"):
+                            return int(blocks) * int(labels["block_size"])
+            async with self.http.get(f"{self.url}/get_server_info", timeout=self.timeout) as resp:
+                if resp.status == 200:
+                    info = await resp.json()
+                    if info.get("max_total_num_tokens"):
+                        return int(info["max_total_num_tokens"])
+        except (aiohttp.ClientError, ValueError):
+            return None
+        return None
+
+
+# --------------------------------------------------------------------------------------- measurements
+class Profiler:
+    def __init__(self, grid: Grid, seed: int = 0, tick: Callable[[str], None] | None = None):
+        self.grid = grid
+        self.rng = np.random.default_rng(seed)
+        self.tick = tick or (lambda _msg: None)
+
+    def fresh(self, n: int) -> list[int]:
+        """Random token ids: never a prefix of anything sent before (so never a stale cache hit)."""
+        return [int(t) for t in self.rng.integers(TOKEN_LOW, TOKEN_HIGH, size=max(n, 1))]
+
+    async def warm_up(self, engine: Engine) -> None:
+        for _ in range(2):
+            await engine.stream(self.fresh(64), 4)
+
+    async def prefill(self, engine: Engine, samples: Samples) -> None:
+        for hist in self.grid.aligned_hist():
+            for incr in self.grid.incr:
+                times = []
+                for _ in range(self.grid.repeats):
+                    ids = self.fresh(hist + incr)
+                    if hist:
+                        await engine.complete(ids[:hist], 1)  # now cached
+                    times.append((await engine.stream(ids, 1))[0])
+                    self.tick(f"prefill hist={hist} incr={incr}")
+                samples.prefill.append((hist, incr, statistics.median(times)))
+
+    async def decode(self, engine: Engine, samples: Samples) -> None:
+        n_out = self.grid.decode_tokens
+        for batch in self.grid.batches:
+            for ctx in self.grid.contexts:
+                streams = await asyncio.gather(*(engine.stream(self.fresh(ctx), n_out) for _ in range(batch)))
+                step = steady_step_time(streams)
+                samples.decode.append((batch, batch * (ctx + n_out // 2), step))
+                self.tick(f"decode batch={batch} ctx={ctx}")
+
+    async def transfer(self, prefill: Engine, decode: Engine, samples: Samples) -> str | None:
+        """Times KV moved P→D by the `ampd` connector; returns why it could not, or None."""
+        from ampd_plugin.connector import params as wire
+
+        for tokens in self.grid.transfer:
+            times = []
+            for _ in range(self.grid.repeats):
+                ids = self.fresh(tokens)
+                resp = await prefill.complete(ids, 1, kv=wire.remote_prefill_params())
+                kv = resp.get("kv_transfer_params")
+                if wire.response_source(kv) is None:
+                    return ("the endpoints do not run the ampd connector (no source descriptor in the prefill "
+                            f"response{': ' + str(wire.response_error(kv)) if wire.response_error(kv) else ''})")
+                remote = (await decode.stream(ids, 1, kv=wire.decode_params(kv)))[0]
+                cached = (await decode.stream(ids, 1))[0]  # the same prompt, now in D's prefix cache
+                times.append(max(remote - cached, 0.0))
+                self.tick(f"kv transfer tokens={tokens}")
+            samples.transfer.append((tokens, statistics.median(times)))
+        return None
+
+
+def steady_step_time(streams: Sequence[Sequence[float]]) -> float:
+    """Median token gap while every stream of the batch is decoding (prefills of late joiners excluded)."""
+    start = max(s[0] for s in streams)
+    end = min(s[-1] for s in streams)
+    gaps = [b - a for s in streams for a, b in zip(s, s[1:]) if a >= start and b <= end]
+    if not gaps:
+        gaps = [b - a for s in streams for a, b in zip(s, s[1:]) if a >= start]
+    if not gaps:
+        gaps = [b - a for s in streams for a, b in zip(s, s[1:])]
+    if not gaps:
+        raise ProfileError("decode streams produced fewer than two tokens; raise --decode-tokens")
+    return float(statistics.median(gaps))
+
+
+# --------------------------------------------------------------------------------------- fitting
+def relative_errors(model: Callable[[int, int], float], samples: Sequence[tuple[int, int, float]]) -> list[float]:
+    return [abs(model(a, b) - y) / y for a, b, y in samples if y > 0]
+
+
+def fit_link(samples: Sequence[tuple[int, float]], kv_bytes_per_token: int) -> LinkCoefficients:
+    from scipy.optimize import nnls
+
+    rows = np.array([[1.0, t * kv_bytes_per_token] for t, _ in samples])
+    y = np.array([s for _, s in samples])
+    (lat, inv_bw) = nnls(rows, y)[0]
+    if inv_bw <= 0:
+        raise ProfileError("KV transfer times did not grow with size; cannot fit a bandwidth")
+    return LinkCoefficients(float(lat), float(1.0 / inv_bw))
+
+
+def build_fitted(samples: Samples, kv_bytes_per_token: int, kv_capacity: int, tp: int, links: Sequence[str],
+                 assume_link_gbps: float, meta: dict) -> tuple[FittedCostModel, dict]:
+    """Fit all coefficients; returns the model and the fit-error report."""
+    if len(samples.prefill) < 3 or len(samples.decode) < 3:
+        raise ProfileError("need at least 3 prefill and 3 decode grid points to fit (enlarge the grid)")
+    pre = fit_prefill(samples.prefill)
+    dec = fit_decode(samples.decode)
+    report = {
+        "prefill_mape": float(np.mean(relative_errors(pre, samples.prefill))),
+        "prefill_max_error": float(np.max(relative_errors(pre, samples.prefill))),
+        "decode_mape": float(np.mean(relative_errors(dec, samples.decode))),
+        "decode_max_error": float(np.max(relative_errors(dec, samples.decode))),
+    }
+    if len(samples.transfer) >= 2:
+        link = fit_link(samples.transfer, kv_bytes_per_token)
+        errs = [abs(link(t * kv_bytes_per_token) - s) / s for t, s in samples.transfer if s > 0]
+        report["transfer_mape"] = float(np.mean(errs)) if errs else 0.0
+        link_source = "measured"
+    else:
+        link = LinkCoefficients(200e-6, assume_link_gbps * 1e9)
+        link_source = f"assumed {assume_link_gbps:g} GB/s"
+    layout = Layout(tp=tp)
+    meta = {**meta, "fit": report, "link_source": link_source,
+            "samples": {"prefill": [list(s) for s in samples.prefill], "decode": [list(s) for s in samples.decode],
+                        "transfer": [list(s) for s in samples.transfer]}}
+    model = FittedCostModel(
+        kv_bytes_per_token=kv_bytes_per_token,
+        layouts={layout: LayoutCoefficients(layout, pre, dec, kv_capacity)},
+        links={name: link for name in links},
+        model=str(meta.get("model", "")), gpu=str(meta.get("device", "")), meta=meta,
+    )
+    return model, report
+
+
+# --------------------------------------------------------------------------------------- command
+async def run_profile(endpoints: Sequence[str], grid: Grid, seed: int, timeout_s: float, kv_bytes_per_token: int | None,
+                      model_spec: str | None, kv_capacity: int | None, tick: Callable[[str], None]) -> tuple[Samples, dict]:
+    prof = Profiler(grid, seed, tick)
+    samples = Samples()
+    info: dict[str, Any] = {"endpoints": list(endpoints)}
+    async with aiohttp.ClientSession() as http:
+        engines = [Engine(url, http, timeout_s) for url in endpoints]
+        for e in engines:
+            await e.discover()
+        first = engines[0]
+        info["model"] = first.model
+        spec_source = model_spec or first.root
+        if kv_bytes_per_token is None:
+            try:
+                kv_bytes_per_token = load_model_spec(spec_source).kv_bytes_per_token
+            except ValueError as exc:
+                raise ProfileError(f"cannot tell the KV bytes per token of {spec_source!r} ({exc}); "
+                                   "pass --model CONFIG or --kv-bytes-per-token") from None
+        info["kv_bytes_per_token"] = kv_bytes_per_token
+        if kv_capacity is None:
+            kv_capacity = await first.kv_capacity_tokens()
+            if kv_capacity is None:
+                raise ProfileError("the engine does not report its KV capacity; pass --kv-capacity-tokens")
+        info["kv_capacity_tokens"] = kv_capacity
+        await prof.warm_up(first)
+        await prof.prefill(first, samples)
+        await prof.decode(first, samples)
+        if len(engines) >= 2:
+            await prof.warm_up(engines[1])
+            why = await prof.transfer(first, engines[1], samples)
+            if why:
+                info["transfer_skipped"] = why
+    return samples, info
+
+
+def _ints(_ctx, _param, value: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated integers, got {value!r}")
+    if not out or any(v < 0 for v in out):
+        raise click.BadParameter("values must be non-negative integers")
+    return out
+
+
+@click.command("profile")
+@click.option("--endpoint", "endpoints", multiple=True, required=True,
+              help="OpenAI base URL of a running engine (give two to also time a KV transfer between them).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Fitted cost-model YAML.")
+@click.option("--model", "model_spec", help="Preset or config.json for KV bytes/token (default: the served model's dir).")
+@click.option("--tp", type=int, default=1, show_default=True, help="TP degree of the measured engine (layout key).")
+@click.option("--device", default="", help="Label stored as the profile's `gpu` (e.g. cpu, H100).")
+@click.option("--hist", default="0,256,1024", show_default=True, callback=_ints, help="History lengths (tokens).")
+@click.option("--incr", default="32,256,768", show_default=True, callback=_ints, help="Increment lengths (tokens).")
+@click.option("--batches", default="1,4,8", show_default=True, callback=_ints, help="Decode batch sizes.")
+@click.option("--contexts", default="128,1024", show_default=True, callback=_ints, help="Decode prompt lengths.")
+@click.option("--transfer", "transfer_sizes", default="256,1024", show_default=True, callback=_ints,
+              help="KV transfer sizes (tokens), two endpoints only.")
+@click.option("--decode-tokens", type=int, default=24, show_default=True, help="Tokens per decode stream.")
+@click.option("--repeats", type=int, default=2, show_default=True, help="Prefill/transfer repeats (median).")
+@click.option("--block-size", type=int, default=16, show_default=True, help="Engine KV block size (history alignment).")
+@click.option("--kv-bytes-per-token", type=int, help="Override (else from the model config).")
+@click.option("--kv-capacity-tokens", type=int, help="Override (else from the engine's /metrics).")
+@click.option("--assume-link-gbps", type=float, default=1.6, show_default=True,
+              help="Link bandwidth recorded when no transfer is measured (Mooncake TCP on loopback ≈ 1.6 GB/s).")
+@click.option("--links", default="net,nvlink", show_default=True, help="Link names the transfer fit is stored under.")
+@click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="Per-request timeout (s).")
+@click.option("--seed", type=int, default=0, show_default=True)
+def profile(endpoints, out_path, model_spec, tp, device, hist, incr, batches, contexts, transfer_sizes, decode_tokens,
+            repeats, block_size, kv_bytes_per_token, kv_capacity_tokens, assume_link_gbps, links, timeout_s, seed):
+    """Measure a running vLLM/SGLang engine and fit T_pre, T_dec (and T_kv) for `plan --profile`."""
+    if decode_tokens < 3 or repeats < 1 or block_size < 1 or tp < 1:
+        raise click.UsageError("--decode-tokens ≥ 3, --repeats ≥ 1, --block-size ≥ 1 and --tp ≥ 1 are required")
+    if not incr or min(incr) < 1 or not batches or min(batches) < 1 or min(contexts) < 1:
+        raise click.UsageError("--incr, --batches and --contexts values must be ≥ 1")
+    link_names = [n.strip() for n in links.split(",") if n.strip()]
+    grid = Grid(hist, incr, batches, contexts, transfer_sizes, decode_tokens, repeats, block_size)
+    total = len(grid.aligned_hist()) * len(incr) * repeats + len(batches) * len(contexts)
+    if len(endpoints) >= 2:
+        total += len(transfer_sizes) * repeats
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("profiling", total=total)
+        try:
+            samples, info = asyncio.run(run_profile(
+                endpoints, grid, seed, timeout_s, kv_bytes_per_token, model_spec, kv_capacity_tokens,
+                lambda msg: progress.update(task, advance=1, description=msg)))
+        except (ProfileError, asyncio.TimeoutError) as exc:
+            raise click.ClickException(str(exc) or "a request to the engine timed out")
+    meta = {**info, "device": device, "grid": {"hist": list(grid.aligned_hist()), "incr": list(incr),
+                                                 "batches": list(batches), "contexts": list(contexts),
+                                                 "decode_tokens": decode_tokens, "repeats": repeats}}
+    try:
+        fitted, report = build_fitted(samples, info["kv_bytes_per_token"], info["kv_capacity_tokens"], tp,
+                                      link_names, assume_link_gbps, meta)
+    except (ProfileError, ValueError) as exc:
+        raise click.ClickException(str(exc))
+    fitted.to_yaml(out_path)
+    print_report(fitted, report, info, Console())
+    Console().print(f"wrote {Path(out_path)}")
+
+
+def print_report(fitted: FittedCostModel, report: dict, info: dict, console: Console) -> None:
+    c = next(iter(fitted.layouts.values()))
+    table = Table(title=f"fitted cost model for {info.get('model')} (tp={c.layout.tp})")
+    table.add_column("term")
+    table.add_column("coefficients")
+    table.add_column("fit error (mean / max)", justify="right")
+    table.add_row("T_pre = a + b·l_incr + c·l_incr·(l_hist + l_incr/2)",
+                  f"a={c.prefill.a:.4g}s b={c.prefill.b:.4g}s c={c.prefill.c:.4g}s",
+                  f"{report['prefill_mape']:.1%} / {report['prefill_max_error']:.1%}")
+    table.add_row("T_dec = a + b·batch + c·context", f"a={c.decode.a:.4g}s b={c.decode.b:.4g}s c={c.decode.c:.4g}s",
+                  f"{report['decode_mape']:.1%} / {report['decode_max_error']:.1%}")
+    for name, link in fitted.links.items():
+        err = f"{report['transfer_mape']:.1%}" if "transfer_mape" in report else fitted.meta.get("link_source", "")
+        table.add_row(f"T_kv ({name})", f"latency={link.latency_s:.3g}s bw={link.bandwidth_bytes_per_s / 1e9:.3g} GB/s", err)
+    console.print(table)
+    console.print(f"KV capacity {c.kv_capacity_tokens} tokens; {fitted.kv_bytes_per_token} bytes/token")
+    if info.get("transfer_skipped"):
+        console.print(f"[yellow]KV transfer not measured:[/yellow] {info['transfer_skipped']}")

@@ -1,0 +1,135 @@
+"""`ampd-plugin profile` against a fake OpenAI engine whose timing follows known coefficients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+from aiohttp import web
+from click.testing import CliRunner
+
+from ampd_plugin.costmodel import FittedCostModel
+from ampd_plugin.planner.profile import profile, steady_step_time
+from ampd_plugin.router_policy.state import Layout
+
+PRE = (0.03, 4e-5, 0.0)  # a, b, c of T_pre
+DEC = (0.01, 0.004)  # step = a + b·(streams decoding)
+
+
+class FakeEngine:
+    """Prefix cache at 16-token blocks, prefill time from PRE, decode steps slowed by concurrent streams."""
+
+    def __init__(self):
+        self.cached: set[tuple[int, ...]] = set()
+        self.decoding = 0
+
+    def hit(self, ids):
+        best = 0
+        for n in range(16, len(ids) + 1, 16):
+            if tuple(ids[:n]) in self.cached:
+                best = n
+        return best
+
+    def remember(self, ids):
+        for n in range(16, len(ids) + 1, 16):
+            self.cached.add(tuple(ids[:n]))
+
+    async def models(self, _req):
+        return web.json_response({"data": [{"id": "fake", "root": "/nonexistent"}]})
+
+    async def metrics(self, _req):
+        return web.Response(text='vllm:cache_config_info{block_size="16",num_gpu_blocks="500"} 1.0\n')
+
+    async def completions(self, req):
+        body = await req.json()
+        ids = body["prompt"]
+        hist = self.hit(ids)
+        incr = len(ids) - hist
+        a, b, c = PRE
+        await asyncio.sleep(a + b * incr + c * incr * (hist + incr / 2))
+        self.remember(ids)
+        if not body.get("stream"):
+            return web.json_response({"choices": [{"text": "x"}]})
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(req)
+        chunk = b"data: " + json.dumps({"choices": [{"text": "x"}]}).encode() + b"\n\n"
+        await resp.write(chunk)
+        self.decoding += 1
+        try:
+            for _ in range(body["max_tokens"] - 1):
+                await asyncio.sleep(DEC[0] + DEC[1] * self.decoding)
+                await resp.write(chunk)
+        finally:
+            self.decoding -= 1
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest.fixture(scope="module")
+def fake_url():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    loop = asyncio.new_event_loop()
+    engine = FakeEngine()
+    app = web.Application()
+    app.router.add_get("/v1/models", engine.models)
+    app.router.add_get("/metrics", engine.metrics)
+    app.router.add_post("/v1/completions", engine.completions)
+    runner = web.AppRunner(app)
+    ready = threading.Event()
+
+    def serve():
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(runner.setup())
+        loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+        ready.set()
+        loop.run_forever()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    assert ready.wait(10)
+    yield f"http://127.0.0.1:{port}"
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+
+
+def test_profile_fits_known_coefficients(tmp_path, fake_url):
+    out = tmp_path / "fit.yaml"
+    res = CliRunner().invoke(profile, [
+        "--endpoint", fake_url, "--out", str(out), "--kv-bytes-per-token", "512",
+        "--hist", "0,64,256", "--incr", "32,512,1024", "--batches", "1,2,4", "--contexts", "32,64",
+        "--decode-tokens", "8", "--repeats", "1", "--device", "fake"])
+    assert res.exit_code == 0, res.output
+    fitted = FittedCostModel.from_yaml(out)
+    lay = Layout(1)
+    # Prefill: the history is cached, so only the increment costs (the fit recovers a + b·l_incr).
+    assert fitted.t_pre(256, 1024, lay) == pytest.approx(PRE[0] + PRE[1] * 1024, rel=0.3)
+    assert fitted.t_pre(0, 32, lay) == pytest.approx(PRE[0] + PRE[1] * 32, rel=0.3)
+    # Decode: the step grows with the batch.
+    assert fitted.t_dec(4, 4 * 50, lay) > fitted.t_dec(1, 50, lay)
+    assert fitted.t_dec(4, 200, lay) == pytest.approx(DEC[0] + DEC[1] * 4, rel=0.35)
+    assert fitted.kv_capacity_tokens(lay) == 500 * 16
+    assert fitted.meta["fit"]["prefill_mape"] < 0.3
+    assert fitted.meta["link_source"].startswith("assumed")
+
+
+def test_profile_unreachable_endpoint_is_a_clear_error(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    res = CliRunner().invoke(profile, ["--endpoint", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "x.yaml"),
+                                       "--timeout", "5"])
+    assert res.exit_code == 1
+    assert "cannot reach" in res.output
+
+
+def test_steady_step_time_ignores_join_pauses():
+    # Stream 2 joins late: the gaps before its first token (prefill pause) are excluded.
+    s1 = [0.0, 0.1, 1.0, 1.1, 1.2, 1.3]
+    s2 = [1.0, 1.1, 1.2, 1.3]
+    assert steady_step_time([s1, s2]) == pytest.approx(0.1)
