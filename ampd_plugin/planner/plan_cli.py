@@ -123,8 +123,11 @@ def plan(model, gpu, profile_path, gpus, gpus_per_node, link_bw, net_bw, workloa
     written = []
     if out_dir:
         served = _served_model(model or "", served_model) if (model or served_model) else "MODEL"
-        router = RouterOptions(policy, ttft_slo, itl_slo, router_host, router_port,
-                               extra=["--profile", str(Path(profile_path).resolve())] if profile_path else [])
+        if profile_path:  # the router predicts with the same cost model the plan used
+            extra = ["--profile", str(Path(profile_path).resolve())]
+        else:
+            extra = ["--cost-model", model] + (["--gpu", gpu] if gpu else [])
+        router = RouterOptions(policy, ttft_slo, itl_slo, router_host, router_port, extra=extra)
         for rank, cand in enumerate(result.candidates, 1):
             dep = build_deployment(cand.label(), cand.placement, engine, served, router, target, max_model_len,
                                    summary=cand.to_dict())
