@@ -131,26 +131,28 @@ class Engine:
             raise ProfileError(f"{self.url}: a streamed completion produced no token")
         return times
 
-    async def kv_capacity_tokens(self) -> int | None:
-        """vLLM: `vllm:cache_config_info` (num_gpu_blocks × block_size); SGLang: max_total_num_tokens."""
+    async def cache_info(self) -> tuple[int | None, int | None]:
+        """(KV capacity in tokens, block size): vLLM's `vllm:cache_config_info` metric (num_gpu_blocks ×
+        block_size); SGLang's /get_server_info (max_total_num_tokens, page_size)."""
         try:
             async with self.http.get(f"{self.url}/metrics", timeout=self.timeout) as resp:
                 if resp.status == 200:
-                    text = await resp.text()
-                    m = re.search(r"vllm:cache_config_info\{([^}]*)\}", text)
+                    m = re.search(r"vllm:cache_config_info\{([^}]*)\}", await resp.text())
                     if m:
                         labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                        block = int(labels["block_size"]) if labels.get("block_size", "None") != "None" else None
                         blocks = labels.get("num_gpu_blocks") or labels.get("num_cpu_blocks")
-                        if blocks and blocks != "None" and labels.get("block_size"):
-                            return int(blocks) * int(labels["block_size"])
+                        if blocks and blocks != "None" and block:
+                            return int(blocks) * block, block
+                        return None, block
             async with self.http.get(f"{self.url}/get_server_info", timeout=self.timeout) as resp:
                 if resp.status == 200:
                     info = await resp.json()
-                    if info.get("max_total_num_tokens"):
-                        return int(info["max_total_num_tokens"])
-        except (aiohttp.ClientError, ValueError):
-            return None
-        return None
+                    cap = info.get("max_total_num_tokens")
+                    return (int(cap) if cap else None), (int(info["page_size"]) if info.get("page_size") else None)
+        except (aiohttp.ClientError, ValueError, KeyError):
+            pass
+        return None, None
 
 
 # --------------------------------------------------------------------------------------- measurements
@@ -294,8 +296,12 @@ async def run_profile(endpoints: Sequence[str], grid: Grid, seed: int, timeout_s
                 raise ProfileError(f"cannot tell the KV bytes per token of {spec_source!r} ({exc}); "
                                    "pass --model CONFIG or --kv-bytes-per-token") from None
         info["kv_bytes_per_token"] = kv_bytes_per_token
+        reported_capacity, block = await first.cache_info()
+        if block:  # only whole blocks are prefix-cached: align histories to the engine's real block size
+            grid.block_size = block
+        info["block_size"] = grid.block_size
         if kv_capacity is None:
-            kv_capacity = await first.kv_capacity_tokens()
+            kv_capacity = reported_capacity
             if kv_capacity is None:
                 raise ProfileError("the engine does not report its KV capacity; pass --kv-capacity-tokens")
         info["kv_capacity_tokens"] = kv_capacity
@@ -335,7 +341,7 @@ def _ints(_ctx, _param, value: str) -> tuple[int, ...]:
               help="KV transfer sizes (tokens), two endpoints only.")
 @click.option("--decode-tokens", type=int, default=24, show_default=True, help="Tokens per decode stream.")
 @click.option("--repeats", type=int, default=2, show_default=True, help="Prefill/transfer repeats (median).")
-@click.option("--block-size", type=int, default=16, show_default=True, help="Engine KV block size (history alignment).")
+@click.option("--block-size", type=int, default=16, show_default=True, help="KV block size for history alignment when the engine does not report it.")
 @click.option("--kv-bytes-per-token", type=int, help="Override (else from the model config).")
 @click.option("--kv-capacity-tokens", type=int, help="Override (else from the engine's /metrics).")
 @click.option("--assume-link-gbps", type=float, default=1.6, show_default=True,
