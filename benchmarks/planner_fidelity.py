@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from ampd_plugin import slo
 from ampd_plugin.costmodel import FittedCostModel
 from ampd_plugin.localcluster import free_port, in_isolated_netns, is_healthy, start_vllm, stop_all, wait_healthy
 from ampd_plugin.loadtest.schedule import build_sessions

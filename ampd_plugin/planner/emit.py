@@ -101,23 +101,26 @@ class RouterOptions:
 
 
 def _worker_argv(engine: str, target: str, model: str, r: Replica, port: int, bootstrap: int | None,
-                 max_model_len: int | None) -> list[str]:
+                 max_model_len: int | None, disaggregated: bool = True) -> list[str]:
     host = "127.0.0.1" if target == "cpu-demo" else f"${{NODE{r.node}_HOST}}"
     if engine == "vllm":
         if target == "cpu-demo":
             argv = ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", model]
         else:
             argv = ["vllm", "serve", model]
-        argv += ["--tensor-parallel-size", str(r.degree), "--host", host, "--port", str(port),
-                 "--kv-transfer-config", vllm_kv_transfer_config(target)]
+        argv += ["--tensor-parallel-size", str(r.degree), "--host", host, "--port", str(port)]
+        if disaggregated:  # a co-located deployment (no prefill pool) moves no KV
+            argv += ["--kv-transfer-config", vllm_kv_transfer_config(target)]
         if target == "cpu-demo":
             argv += ["--dtype", "bfloat16"]
         if max_model_len:
             argv += ["--max-model-len", str(max_model_len)]
         return argv
     argv = ["python", "-m", "sglang.launch_server", "--model-path", model, "--tp-size", str(r.degree),
-            "--host", host, "--port", str(port), "--disaggregation-mode", r.kind,
-            "--disaggregation-transfer-backend", "ampd"]
+            "--host", host, "--port", str(port)]
+    if not disaggregated:
+        return argv + (["--context-length", str(max_model_len)] if max_model_len else [])
+    argv += ["--disaggregation-mode", r.kind, "--disaggregation-transfer-backend", "ampd"]
     if bootstrap is not None:
         argv += ["--disaggregation-bootstrap-port", str(bootstrap)]
     if r.kind == "decode":
@@ -147,6 +150,7 @@ def build_deployment(label: str, placement: Placement, engine: str, model: str, 
         raise ValueError(f"--target must be one of {', '.join(TARGETS)}, not {target!r}")
     if target == "cpu-demo" and engine != "vllm":
         raise ValueError("--target cpu-demo runs vLLM-CPU; SGLang has no CPU path here (use --engine vllm)")
+    disaggregated = any(r.kind == "prefill" for r in placement.replicas)
     workers: list[WorkerLaunch] = []
     next_port: dict[tuple[int, str], int] = {}
     for r in placement.replicas:
@@ -155,7 +159,7 @@ def build_deployment(label: str, placement: Placement, engine: str, model: str, 
         next_port[(r.node, r.kind)] = k + 1
         port = base + k
         bootstrap = SGLANG_BOOTSTRAP_BASE + k if (engine == "sglang" and r.kind == "prefill") else None
-        argv = _worker_argv(engine, target, model, r, port, bootstrap, max_model_len)
+        argv = _worker_argv(engine, target, model, r, port, bootstrap, max_model_len, disaggregated)
         workers.append(WorkerLaunch(r.name, r.kind, r.node, port, r.degree, r.devices, _worker_env(target, r),
                                     argv, bootstrap))
     host = "127.0.0.1" if target == "cpu-demo" else router.host
@@ -163,7 +167,7 @@ def build_deployment(label: str, placement: Placement, engine: str, model: str, 
     for w in workers:
         url = f"http://127.0.0.1:{w.port}" if target == "cpu-demo" else w.url()
         router_argv += ["--prefill" if w.kind == "prefill" else "--decode", url]
-    router_argv += ["--policy", router.policy, "--kv-connector", "ampd", "--ttft-slo", f"{router.ttft_slo:g}",
+    router_argv += ["--policy", router.policy, "--kv-connector", "ampd" if disaggregated else "none", "--ttft-slo", f"{router.ttft_slo:g}",
                     "--itl-slo", f"{router.itl_slo:g}", "--host", host, "--port", str(router.port), *router.extra]
     return Deployment(label, engine, target, model, placement.nodes, workers, router_argv, summary or {})
 

@@ -112,3 +112,11 @@ def test_emission_is_deterministic(tmp_path):
     a = render_script(deployment())
     b = render_script(deployment())
     assert a == b
+
+
+def test_colocated_deployment_moves_no_kv():
+    cand = Candidate({}, {2: 2}, 0.5)
+    dep = build_deployment(cand.label(), place(cand, 4, 4), "vllm", "m", RouterOptions("colocated"))
+    assert all("--kv-transfer-config" not in w.argv for w in dep.workers)
+    assert dep.router_argv[dep.router_argv.index("--kv-connector") + 1] == "none"
+    assert "--prefill" not in dep.router_argv

@@ -6,7 +6,6 @@ import asyncio
 import json
 import socket
 import threading
-import time
 
 import pytest
 from aiohttp import web
