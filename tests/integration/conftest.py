@@ -65,7 +65,8 @@ def _ancestor_holds_engine_lock() -> bool:
 @pytest.fixture(scope="session")
 def engine_lock():
     """Hold the machine-wide engine lock for the session (unless the caller already holds it)."""
-    if os.environ.get("AMPD_ENGINE_LOCK_HELD") == "1" or _ancestor_holds_engine_lock():
+    if (os.environ.get("AMPD_ENGINE_LOCK_HELD") == "1" or os.environ.get("AMPD_TEST_ATTACH")
+            or _ancestor_holds_engine_lock()):
         yield
         return
     with open(lc.ENGINE_LOCK, "w") as fh:
@@ -80,6 +81,14 @@ def engine_lock():
 def pd_cluster(tiny_model, engine_lock) -> Cluster:
     """P (core 0) and D (core 1) with the ampd connector, and a plain reference instance (core 0)."""
     lc.require_isolated_netns("the integration cluster (vLLM workers with the ampd connector / Mooncake)")
+    attach = os.environ.get("AMPD_TEST_ATTACH")
+    if attach:  # developer mode: reuse servers started elsewhere ({"prefill": url, "decode": url, "plain": url})
+        import json
+
+        urls = json.loads(Path(attach).read_text())
+        handles = [lc.attach_server(name, urls[name]) for name in ("prefill", "decode", "plain")]
+        yield Cluster(*handles, model=tiny_model, kv_bytes_per_token=PRESETS["tiny"].kv_bytes_per_token())
+        return
     log_dir = Path(os.environ.get("AMPD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="ampd-it-"))
     servers: list[lc.VllmServer] = []
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from ampd_plugin import localcluster as lc
 from ampd_plugin.connector import params as W
 
 pytestmark = pytest.mark.integration
@@ -15,7 +16,8 @@ N_OUT = 12
 def test_multiround_conversation_equals_plain_engine_through_every_flow(pd, tokens):
     """Round 1 remote prefill (a), round 2 local (b), rounds 3-4 remote incremental with the history read
     from D (c), round 5 local again after D retained the session (d); history grows to ~1,500 tokens."""
-    session = "conv-all-flows"
+    session = "conv-all-flows"  # P never sees round 2 (local), so round 3 needs D's history
+    lc.reset_prefix_cache(pd.c.prefill.url)  # whatever ran before, P starts cold for this conversation
     prompt = tokens(600, "all-flows-r1")
     history = 0
     for rnd, flow in enumerate(["a", "b", "c", "c", "b"], 1):
@@ -25,7 +27,9 @@ def test_multiround_conversation_equals_plain_engine_through_every_flow(pd, toke
         elif flow == "c":
             out, p_kv, d_kv = pd.remote(prompt, N_OUT, session=session, history_tokens=history)
             assert W.response_error(p_kv) is None, W.response_error(p_kv)
-            assert W.response_stats(p_kv).get("read_blocks", 0) >= 1, "P did not read the history from D"
+            p_stats = W.response_stats(p_kv)
+            # the first flow-c round must read D's history; later P may cache it from its own last prefill
+            assert p_stats.get("read_blocks", 0) >= 1 or (rnd > 3 and "history_tokens_cached_here" in p_stats), p_stats
         else:
             out, d_kv = pd.local(prompt, N_OUT, session=session)
         assert W.response_error(d_kv) is None, W.response_error(d_kv)
@@ -54,8 +58,6 @@ def test_negative_control_decode_uses_transferred_kv(pd, tokens):
     ref_a, ref_a_prime = pd.reference(a, N_OUT), pd.reference(a_prime, N_OUT)
     assert ref_a != ref_a_prime, "the tiny model must be context sensitive for this control to mean anything"
     p_ans = pd.c.prefill.url
-    from ampd_plugin import localcluster as lc
-
     p_kv = lc.completion(p_ans, a, max_tokens=1, kv_transfer_params=W.remote_prefill_params()).get("kv_transfer_params")
     d_ans = lc.completion(pd.c.decode.url, a_prime, max_tokens=N_OUT, kv_transfer_params=W.decode_params(p_kv))
     assert lc.output_ids(d_ans) == ref_a
@@ -87,8 +89,6 @@ def test_remote_incremental_prefill_moves_and_computes_only_the_increment(pd, pd
 
 
 def test_transfer_counters_exported_in_prometheus(pd):
-    from ampd_plugin import localcluster as lc
-
     m = lc.scrape_metrics(pd.c.decode.url)
     assert lc.metric_sum(m, "vllm:ampd_kv_read_bytes_total") > 0
     assert lc.metric_sum(m, "vllm:ampd_kv_read_blocks_total") > 0

@@ -261,6 +261,17 @@ class AMPDScheduler:
             return True
         return False
 
+    def has_pending_push_work(self) -> bool:
+        """Keep the engine stepping while exported blocks await their reader's notice (milliseconds
+        normally, `hold_ttl_s` at worst), so pins are released promptly even on an otherwise idle engine."""
+        return self._holds.count(SOURCE) > 0
+
+    def reset_cache(self) -> bool:
+        """`/reset_prefix_cache?reset_external=true`: drop every pin (a second reset then empties the cache)."""
+        released = self._holds.release_all()
+        log.info("ampd: released %d pins on cache reset", released)
+        return True
+
     # ------------------------------------------------------------------------------ finishing
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
