@@ -3,7 +3,10 @@ SGLang flags, cpu-demo specifics, and byte-identical output for identical inputs
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import yaml
@@ -120,3 +123,31 @@ def test_colocated_deployment_moves_no_kv():
     assert all("--kv-transfer-config" not in w.argv for w in dep.workers)
     assert dep.router_argv[dep.router_argv.index("--kv-connector") + 1] == "none"
     assert "--prefill" not in dep.router_argv
+
+
+SGLANG_PYTHON = Path(__file__).resolve().parents[2] / ".venv-sglang" / "bin" / "python"
+SGLANG_PARSE = """
+import argparse, json, sys
+from ampd_plugin.connector.sglang.register import register
+register()
+from sglang.srt.server_args import ServerArgs
+parser = argparse.ArgumentParser()
+ServerArgs.add_cli_args(parser)
+out = []
+for argv in json.loads(sys.stdin.read()):
+    ns = parser.parse_args(argv)
+    out.append([ns.tp_size, ns.disaggregation_mode, ns.disaggregation_transfer_backend, ns.port])
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not SGLANG_PYTHON.exists(), reason="needs .venv-sglang (scripts/setup_sglang_venv.sh)")
+def test_sglang_parser_accepts_every_worker_command():
+    dep = deployment(engine="sglang", prefill={4: 2}, decode={4: 2})
+    argvs = [[_concrete(a) for a in w.argv[3:]] for w in dep.workers]  # after `python -m sglang.launch_server`
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([str(SGLANG_PYTHON), "-c", SGLANG_PARSE], input=json.dumps(argvs), text=True,
+                          capture_output=True, timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    parsed = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert parsed == [[w.tp, w.kind, "ampd", w.port] for w in dep.workers]
