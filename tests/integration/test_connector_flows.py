@@ -92,3 +92,33 @@ def test_transfer_counters_exported_in_prometheus(pd):
     m = lc.scrape_metrics(pd.c.decode.url)
     assert lc.metric_sum(m, "vllm:ampd_kv_read_bytes_total") > 0
     assert lc.metric_sum(m, "vllm:ampd_kv_read_blocks_total") > 0
+
+
+def test_retained_session_is_reused_by_the_next_local_round(pd, pd_cluster, tokens):
+    """Flow d: D pins a session's round; the next round (local) hits the whole history on D."""
+    bs = pd_cluster.block_size
+    session = "conv-retained"
+    r1 = tokens(800, "retained-r1")
+    out1, kv1 = pd.local(r1, N_OUT, session=session)
+    assert W.response_stats(kv1)["retained_blocks"] == -(-(len(r1) + N_OUT - 1) // bs)
+    pd.local(tokens(300, "retained-other"), N_OUT, session="someone-else")  # unrelated traffic in between
+    r2 = r1 + out1 + tokens(120, "retained-r2")
+    d0 = pd.prompt_sources(pd.c.decode.url)
+    out2, kv2 = pd.local(r2, N_OUT, session=session, retain=False)  # last round: release the session
+    d1 = pd.prompt_sources(pd.c.decode.url)
+    assert out2 == pd.reference(r2, N_OUT)
+    assert d1["local_cache_hit"] - d0["local_cache_hit"] == (len(r1) + N_OUT - 1) // bs * bs
+    assert "retained_blocks" not in W.response_stats(kv2)
+
+
+def test_evicted_history_still_gives_the_right_answer(pd, tokens):
+    """Flow d/e: the session's history was evicted from D (and P never had it): flow c still completes
+    correctly — the history export recomputes on D — only slower."""
+    session = "conv-evicted"
+    r1 = tokens(700, "evicted-r1")
+    out1, _ = pd.local(r1, N_OUT, session=session, retain=False)
+    assert lc.reset_prefix_cache(pd.c.decode.url) and lc.reset_prefix_cache(pd.c.prefill.url)
+    r2 = r1 + out1 + tokens(150, "evicted-r2")
+    out2, p_kv, d_kv = pd.remote(r2, N_OUT, session=session, history_tokens=len(r1) + len(out1))
+    assert W.response_error(p_kv) is None and W.response_error(d_kv) is None
+    assert out2 == pd.reference(r2, N_OUT)
