@@ -122,7 +122,11 @@ class AMPDPolicy(BasePolicy):
             history = task.l_hist
             if self.locality:
                 history -= min(history, p.cached_prefix.get(session, 0))
-            t_remote = base + self.t_kv(history, d.layout, layout) + self.backlog(p, now)
+            fixed_cost = base + self.t_kv(history, d.layout, layout)
+            if not self.itl_aware and fixed_cost >= best_key[1]:
+                continue  # cannot beat the best even with an empty queue
+            limit = float("inf") if self.itl_aware else best_key[1] - fixed_cost
+            t_remote = fixed_cost + self.backlog(p, now, limit)
             key = (float(t_remote > self.ttft_slo) if self.itl_aware else 0.0, t_remote)
             if key < best_key:
                 best_key, best_worker = key, p.worker_id

@@ -81,8 +81,12 @@ class BasePolicy:
             value = self._kv_table[key] = self.cost_model.t_kv(tokens, src, dst)
         return value
 
-    def backlog(self, worker: WorkerState, now: float) -> float:
-        """Predicted seconds of prefill work ahead of a new arrival: the running task's rest + the queue."""
+    def backlog(self, worker: WorkerState, now: float, limit: float = float("inf")) -> float:
+        """Predicted seconds of prefill work ahead of a new arrival: the running task's rest + the queue.
+
+        Summing stops once the total exceeds `limit` (callers comparing against a best-so-far only need
+        to know it is worse), which keeps decisions cheap when queues are long.
+        """
         total = self.running_remaining(worker, now)
         if worker.queue:
             layout = worker.layout
@@ -94,6 +98,8 @@ class BasePolicy:
                 if value is None:
                     value = table[key] = self.cost_model.t_pre(queued.l_hist, queued.l_incr, layout)
                 total += value
+                if total > limit:
+                    break
         return total
 
     def running_remaining(self, worker: WorkerState, now: float) -> float:
@@ -108,10 +114,13 @@ class BasePolicy:
 
     def least_backlog(self, cluster: ClusterState, now: float) -> WorkerState | None:
         """The live prefill worker with the least pending work (first in id order on ties)."""
-        live = cluster.live_prefill()
-        if not live:
-            return None
-        return min(live, key=lambda w: self.backlog(w, now))
+        best, best_load = None, float("inf")
+        for worker in cluster.prefill.values():
+            if worker.alive:
+                load = self.backlog(worker, now, best_load)
+                if load < best_load or best is None:
+                    best, best_load = worker, load
+        return best
 
     # -- hooks --------------------------------------------------------------------------------
     @hookimpl
