@@ -74,10 +74,10 @@ def post(url: str, path: str, body: bytes | dict, headers: dict | None = None, t
     req = urllib.request.Request(url + path, data=data, headers={"Content-Type": "application/json", **(headers or {})})
     try:
         with urllib.request.urlopen(req, timeout=timeout) as r:
-            raw, status, hdrs = r.read(), r.status, dict(r.headers)
+            raw, status, hdrs = r.read(), r.status, {k.lower(): v for k, v in r.headers.items()}
     except urllib.error.HTTPError as e:
-        raw, status, hdrs = e.read(), e.code, dict(e.headers)
-    if hdrs.get("Content-Type", "").startswith("text/event-stream"):
+        raw, status, hdrs = e.read(), e.code, {k.lower(): v for k, v in e.headers.items()}
+    if hdrs.get("content-type", "").startswith("text/event-stream"):
         text = []
         for line in raw.decode().splitlines():
             if line.startswith("data: ") and line != "data: [DONE]":
