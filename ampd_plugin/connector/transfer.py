@@ -1,8 +1,9 @@
 """A thin wrapper over `mooncake.engine.TransferEngine` (shared by the vLLM and SGLang connectors).
 
 Why a wrapper: the binding reports failures as negative integers and has no notion of a deadline. Here
-every failure becomes an exception that names the peer and the operation, batches are coalesced, and each
-call runs under a timeout. Mooncake is imported lazily so importing the plugin never needs it.
+every failure becomes an exception that names the peer and the operation, descriptors are coalesced
+(`coalesce`), Mooncake's own transfer deadline is set (`MC_TRANSFER_TIMEOUT`), and a caller may bound a
+call's wait (`timeout_s`). Mooncake is imported lazily so importing the plugin never needs it.
 
 Metadata is exchanged peer-to-peer (``P2PHANDSHAKE``, no etcd); a peer is addressed by its session string
 ``host:rpc_port`` (``TransferEngineWrapper.session``).
@@ -16,7 +17,6 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import os
-import threading
 import time
 from typing import Iterable, Sequence
 
@@ -83,9 +83,8 @@ class TransferEngineWrapper:
             raise TransferError("initialize", hostname, f"rc={rc} (protocol={protocol}, device={device!r})")
         self.rpc_port = int(self._engine.get_rpc_port())
         self._registered: list[int] = []
-        # One thread runs the blocking calls so the caller can give up after `timeout_s`.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-te")
-        self._lock = threading.Lock()
+        # Runs calls that were given a timeout, so the caller can give up on them.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ampd-te")
         log.info("mooncake transfer engine up: session %s, protocol %s", self.session, protocol)
 
     @property
@@ -104,12 +103,18 @@ class TransferEngineWrapper:
 
     def read(self, peer: str, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int],
              timeout_s: float | None = None) -> int:
-        """Copy ``remote[i]`` of ``peer`` into our ``local[i]`` (``lengths[i]`` bytes each); return bytes."""
+        """Copy ``remote[i]`` of ``peer`` into our ``local[i]`` (``lengths[i]`` bytes each); return bytes.
+
+        Without ``timeout_s`` the call returns when Mooncake does (its own deadlines: ``MC_TRANSFER_TIMEOUT``
+        for data, about 60 s for a handshake with a peer that accepts but never answers); that is the safe
+        choice when ``local`` will be reused, because an abandoned call might still write into it. With
+        ``timeout_s`` the caller gets ``TransferTimeout`` after that long while the call finishes in the
+        background."""
         return self._batch("read", peer, local, remote, lengths, timeout_s)
 
     def write(self, peer: str, local: Sequence[int], remote: Sequence[int], lengths: Sequence[int],
               timeout_s: float | None = None) -> int:
-        """Copy our ``local[i]`` into ``remote[i]`` of ``peer``; return bytes."""
+        """Copy our ``local[i]`` into ``remote[i]`` of ``peer``; return bytes (timeouts as in ``read``)."""
         return self._batch("write", peer, local, remote, lengths, timeout_s)
 
     def _batch(self, op, peer, local, remote, lengths, timeout_s) -> int:
@@ -118,19 +123,21 @@ class TransferEngineWrapper:
         if not local:
             return 0
         fn = self._engine.batch_transfer_sync_read if op == "read" else self._engine.batch_transfer_sync_write
-        timeout = self.timeout_s if timeout_s is None else timeout_s
+        args = (peer, list(local), list(remote), list(lengths))
         start = time.monotonic()
-        with self._lock:
-            future = self._pool.submit(fn, peer, list(local), list(remote), list(lengths))
-            try:
-                rc = future.result(timeout=timeout)
-            except concurrent.futures.TimeoutError as exc:
-                raise TransferTimeout(op, peer, f"no completion within {timeout:.1f}s") from exc
-            except Exception as exc:  # the binding raises on malformed arguments
-                raise TransferError(op, peer, repr(exc)) from exc
+        try:
+            if timeout_s is None:
+                rc = fn(*args)
+            else:
+                rc = self._pool.submit(fn, *args).result(timeout=timeout_s)
+        except concurrent.futures.TimeoutError as exc:
+            raise TransferTimeout(op, peer, f"no completion within {timeout_s:.1f}s") from exc
+        except Exception as exc:  # the binding raises on malformed arguments
+            raise TransferError(op, peer, repr(exc)) from exc
+        elapsed = time.monotonic() - start
         if rc != 0:
-            raise TransferError(op, peer, f"rc={rc} after {time.monotonic() - start:.3f}s "
-                                           "(peer gone, wrong address or unregistered memory)")
+            raise TransferError(op, peer, f"rc={rc} after {elapsed:.3f}s (peer gone, unreachable, wrong address, "
+                                          "unregistered memory or Mooncake timeout)")
         return int(sum(lengths))
 
     def close(self) -> None:

@@ -61,7 +61,9 @@ def test_hung_peer_times_out_and_is_recomputed(pd, tokens):
         out, kv, secs = _decode_from(pd, prompt, hung)
     assert out == pd.reference(prompt, N_OUT)
     assert W.response_error(kv)
-    assert secs < 30
+    # bounded by Mooncake's own handshake deadline (~60 s): the read is never abandoned early, so no late
+    # bytes can land in blocks vLLM has already reused for the recompute
+    assert secs < 90
 
 
 def test_unreachable_or_hung_history_holder_means_local_compute(pd, tokens):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import logging
+import threading
 import time
 
 from ampd_plugin.connector.transfer import TransferEngineWrapper
@@ -27,10 +28,13 @@ class AMPDWorker:
         self.num_blocks = num_blocks
         self.te: TransferEngineWrapper | None = None
         self.handshake: AMPDHandshake | None = None
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-read")
+        # Several read threads: one stuck peer (a read waits for Mooncake's own deadline, so late bytes can
+        # never land in blocks vLLM has reused) must not hold up reads from healthy peers.
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ampd-read")
         self._inflight: dict[str, concurrent.futures.Future] = {}
         self._stats = AMPDKVConnectorStats()
-        self._push: dict[str, object] = {}   # notify address -> ZMQ PUSH socket (used only on the read thread)
+        self._push: dict[str, object] = {}   # notify address -> ZMQ PUSH socket (under _push_lock)
+        self._push_lock = threading.Lock()
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         bases: list[int] = []
@@ -78,6 +82,10 @@ class AMPDWorker:
     def _notify(self, addr: str, xfer: str) -> None:
         import zmq
 
+        with self._push_lock:
+            self._notify_locked(addr, xfer, zmq)
+
+    def _notify_locked(self, addr: str, xfer: str, zmq) -> None:
         try:
             sock = self._push.get(addr)
             if sock is None:
