@@ -122,3 +122,20 @@ def test_evicted_history_still_gives_the_right_answer(pd, tokens):
     out2, p_kv, d_kv = pd.remote(r2, N_OUT, session=session, history_tokens=len(r1) + len(out1))
     assert W.response_error(p_kv) is None and W.response_error(d_kv) is None
     assert out2 == pd.reference(r2, N_OUT)
+
+
+def test_context_migration_reads_the_history_from_the_old_worker(pd, pd_cluster, tokens):
+    """The generic read: a session served so far by one worker (here P, as the 'old decode worker') moves to
+    D; D pulls the history blocks from it, computes only the rest, and decodes the same tokens."""
+    bs = pd_cluster.block_size
+    r1 = tokens(650, "migrate-r1")
+    old = lc.completion(pd.c.prefill.url, r1, max_tokens=N_OUT, kv_transfer_params=W.local_params(session="mig"))
+    out1 = lc.output_ids(old)
+    r2 = r1 + out1 + tokens(100, "migrate-r2")
+    history = len(r1) + len(out1)
+    ans = lc.completion(pd.c.decode.url, r2, max_tokens=N_OUT, kv_transfer_params=W.migrate_params(
+        history_from=pd.c.prefill.url, history_tokens=history, session="mig"))
+    stats = W.response_stats(ans["kv_transfer_params"])
+    assert W.response_error(ans["kv_transfer_params"]) is None
+    assert stats["read_blocks"] == (history - 1) // bs
+    assert lc.output_ids(ans) == pd.reference(r2, N_OUT)
