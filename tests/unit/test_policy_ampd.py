@@ -257,3 +257,11 @@ def test_decode_worker_queue_is_reordered_with_its_layout():
     d = c.decode["d0"]
     d.queue = list(make_queue(10.0))
     assert [x.session_id for x in ampd().order_queue(d, 10.0)] == ["b", "c", "a"]
+
+
+def test_itl_aware_learns_output_length_from_metrics():
+    runner = ampd(itl_aware=True, output_tokens_hint=64)
+    for _ in range(200):
+        runner.on_metrics("d0", "output_tokens", 500, 1.0)
+    runner.on_metrics("d0", "ttft", 9.0, 1.0)  # other kinds are ignored
+    assert runner.plugin.output_tokens == pytest.approx(500, rel=0.01)

@@ -159,3 +159,19 @@ def test_progress_is_reported():
     seen = []
     run(("1", "1"), generate("toolbench", 300, rate=5.0, seed=0), progress=lambda d, t: seen.append((d, t)))
     assert seen[-1] == (300, 300) and seen[0] == (256, 300)
+
+
+def test_the_simulator_lets_the_policy_order_each_queue():
+    """Busy prefill worker, then a long and two short prefills queue up: Algorithm 2 runs the short ones first."""
+    cost = FakeCost(step=0.001)
+    sessions = [session("busy", 0.0, (1000, 2, 0.0)), session("long", 0.1, (1500, 2, 0.0)),
+                session("s1", 0.2, (100, 2, 0.0)), session("s2", 0.3, (100, 2, 0.0))]
+    def ttfts(params):
+        result = simulate(Deployment.parse("1", "1"), sessions, "ampd", cost, itl_slo=0.1, ttft_slo=1.5,
+                          policy_params={**params, "alpha": 1.0, "beta": 0.01})
+        return {r.session_id: r.ttft for r in result.records}
+
+    fifo, reordered = ttfts({"reorder": False}), ttfts({})
+    assert fifo["s1"] > 1.5 and fifo["s2"] > 1.5  # stuck behind the long prefill
+    assert reordered["s1"] < 1.5 and reordered["s2"] < 1.5
+    assert reordered["long"] > fifo["long"]
