@@ -39,11 +39,11 @@ from pathlib import Path
 import click
 
 # The demo's model and load, chosen so that the trade-offs show on two CPU cores (docs/demo.md explains).
-DEMO_MODEL = dict(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=2, intermediate_size=1024,
-                  max_position_embeddings=8192)
+DEMO_MODEL = dict(hidden_size=768, num_layers=6, num_heads=12, num_kv_heads=4, intermediate_size=2048,
+                  max_position_embeddings=16384)
 DEMO_WORKLOAD = dict(workload="toolbench", input_scale=1.0, output_scale=1.0, max_rounds=6)
-DEMO_SLO = dict(ttft_slo=1.0, itl_slo=0.05, slo_target=0.9)
-DEMO_RATE = 0.25  # sessions/s
+DEMO_TTFT_SLO, DEMO_ITL_SLO, DEMO_SLO_TARGET = 2.0, 0.03, 0.9
+DEMO_RATE = 0.8  # sessions/s
 POLICIES = ("ampd", "disagg", "colocated")
 ROUTER_START_TIMEOUT_S = 60
 
@@ -59,8 +59,9 @@ class PolicyResult:
     itl_p95: float | None = None
     rounds: int = 0
     errors: int = 0
-    local_fraction: float | None = None
-    kv_bytes_moved: float | None = None
+    local_fraction: float | None = None  # from the router's /metrics (routes chosen)
+    kv_bytes_moved: float | None = None  # measured by the engines' connectors (vllm:ampd_kv_read_bytes_total)
+    router_kv_bytes_estimate: float | None = None  # the router's estimate (tokens × its cost model's bytes/token)
     exit_code: int | None = None
     failure: str = ""
 
@@ -118,6 +119,16 @@ def _tail(path: Path, lines: int = 30) -> str:
         return "(no log)"
 
 
+def engine_kv_bytes(urls: list[str]) -> float | None:
+    """KV bytes the workers' ampd connectors read from peers (pull model: every byte moved is read once)."""
+    from ampd_plugin.localcluster import metric_sum, scrape_metrics
+
+    try:
+        return sum(metric_sum(scrape_metrics(u), "vllm:ampd_kv_read_bytes_total") for u in urls)
+    except OSError:
+        return None
+
+
 def router_numbers(url: str) -> tuple[float | None, float | None]:
     """(local fraction of routed prefills, KV bytes moved) from the router's Prometheus /metrics."""
     from ampd_plugin.localcluster import metric_sum, scrape_metrics
@@ -147,7 +158,7 @@ def warm_up(url: str) -> None:
 
 
 def run_policy(policy: str, workers: list, out: Path, duration_s: float, sessions: int, rate: float, seed: int,
-               status=None) -> PolicyResult:
+               slo: dict, status=None) -> PolicyResult:
     from ampd_plugin.localcluster import free_port, reset_prefix_cache
     from ampd_plugin.loadtest_cli import LoadTestSpec, run_loadtest
 
@@ -156,12 +167,13 @@ def run_policy(policy: str, workers: list, out: Path, duration_s: float, session
     for w in workers:
         reset_prefix_cache(w.url)  # every policy starts from cold caches
     router = RouterProcess(policy, prefill, decode, free_port(), out / f"router-{policy}.log",
-                           DEMO_SLO["ttft_slo"], DEMO_SLO["itl_slo"])
+                           slo["ttft_slo"], slo["itl_slo"])
     result = PolicyResult(policy)
+    kv_before = engine_kv_bytes([w.url for w in workers])
     try:
         router.wait_ready()
         spec = LoadTestSpec(host=router.url, sessions=sessions, session_rate=rate, seed=seed,
-                            duration_s=duration_s + 120, report_dir=str(out / policy), **DEMO_WORKLOAD, **DEMO_SLO)
+                            duration_s=duration_s + 120, report_dir=str(out / policy), **DEMO_WORKLOAD, **slo)
         if status is not None:
             status.update(f"[bold]{policy}[/]: {sessions} sessions at {rate:g}/s (about {duration_s:.0f} s) …")
         code, report = run_loadtest(spec, quiet=True)
@@ -174,7 +186,10 @@ def run_policy(policy: str, workers: list, out: Path, duration_s: float, session
         result.ttft_p50, result.ttft_p95, result.itl_p50, result.itl_p95 = (
             s["ttft_p50"], s["ttft_p95"], s["itl_p50"], s["itl_p95"])
         result.rounds, result.errors = s["rounds"], s["errors"]
-        result.local_fraction, result.kv_bytes_moved = router_numbers(router.url)
+        result.local_fraction, result.router_kv_bytes_estimate = router_numbers(router.url)
+        kv_after = engine_kv_bytes([w.url for w in workers])
+        if kv_before is not None and kv_after is not None:
+            result.kv_bytes_moved = kv_after - kv_before
     finally:
         router.stop()
     return result
@@ -197,7 +212,7 @@ def print_table(results: list[PolicyResult], console, title: str) -> None:
         ("ITL p50", [ms(r.itl_p50) for r in results]),
         ("ITL p95", [ms(r.itl_p95) for r in results]),
         ("local prefill fraction", [pct(r.local_fraction) for r in results]),
-        ("KV bytes moved", ["–" if r.kv_bytes_moved is None else f"{r.kv_bytes_moved / 2**20:.1f} MiB" for r in results]),
+        ("KV bytes moved (connectors)", ["–" if r.kv_bytes_moved is None else f"{r.kv_bytes_moved / 2**20:.1f} MiB" for r in results]),
         ("rounds / errors", [f"{r.rounds} / {r.errors}" for r in results]),
     ]
     for name, values in rows:
@@ -209,7 +224,7 @@ def print_table(results: list[PolicyResult], console, title: str) -> None:
 
 
 def run_demo(duration_s: float, sessions: int | None, rate: float, policies: list[str], out: Path, keep_logs: bool,
-             seed: int) -> list[PolicyResult]:
+             seed: int, slo: dict) -> list[PolicyResult]:
     from rich.console import Console
 
     from ampd_plugin.localcluster import start_vllm, stop_all, wait_healthy
@@ -236,7 +251,7 @@ def run_demo(duration_s: float, sessions: int | None, rate: float, policies: lis
         console.print(f"workers ready in {time.monotonic() - t0:.0f} s: " + ", ".join(f"{w.name} {w.url} (pid {w.pid})" for w in workers))
         for policy in policies:
             with console.status(f"[bold]{policy}[/]: starting the router …") as st:
-                result = run_policy(policy, workers, out, duration_s, sessions, rate, seed, status=st)
+                result = run_policy(policy, workers, out, duration_s, sessions, rate, seed, slo, status=st)
             results.append(result)
             console.print(f"{policy}: attainment {'–' if result.attainment is None else f'{100 * result.attainment:.1f} %'}"
                           f" over {result.rounds} rounds" + (f" [red]({result.failure})[/]" if result.failure else ""))
@@ -244,11 +259,11 @@ def run_demo(duration_s: float, sessions: int | None, rate: float, policies: lis
         with console.status("stopping every process the demo started …"):
             stop_all(workers)
     title = (f"ampd-plugin demo — {DEMO_WORKLOAD['workload']} (≤{DEMO_WORKLOAD['max_rounds']} rounds), {sessions} "
-             f"sessions at {rate:g}/s, SLO TTFT {DEMO_SLO['ttft_slo']:g} s / ITL {1000 * DEMO_SLO['itl_slo']:g} ms, "
+             f"sessions at {rate:g}/s, SLO TTFT {slo['ttft_slo']:g} s / ITL {1000 * slo['itl_slo']:g} ms, "
              f"1 prefill + 1 decode worker, one CPU core each")
     print_table(results, console, title)
     (out / "demo.json").write_text(json.dumps({"title": title, "model": DEMO_MODEL, "workload": DEMO_WORKLOAD,
-                                               "slo": DEMO_SLO, "rate": rate, "sessions": sessions, "seed": seed,
+                                               "slo": slo, "rate": rate, "sessions": sessions, "seed": seed,
                                                "results": [asdict(r) for r in results]}, indent=2) + "\n")
     console.print(f"reports: {out}/<policy>/report.json, records.csv, report.png; summary {out}/demo.json")
     if not keep_logs:
@@ -271,7 +286,9 @@ def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001
 @click.option("--out", "out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @click.option("--keep-logs", is_flag=True, help="Keep the engines' and routers' logs under --out")
 @click.option("--seed", type=int, default=0, show_default=True)
-def demo(duration, sessions, session_rate, policies, out, keep_logs, seed) -> None:
+@click.option("--ttft-slo", type=float, default=DEMO_TTFT_SLO, show_default=True, help="TTFT SLO, seconds")
+@click.option("--itl-slo", type=float, default=DEMO_ITL_SLO, show_default=True, help="ITL (TPOT per round) SLO, seconds")
+def demo(duration, sessions, session_rate, policies, out, keep_logs, seed, ttft_slo, itl_slo) -> None:
     """Compare AMPD with always-disaggregated and co-located serving on real vLLM-CPU engines (needs root)."""
     from ampd_plugin.localcluster import delete_netns, in_isolated_netns, reexec_in_netns
 
@@ -297,7 +314,8 @@ def demo(duration, sessions, session_rate, policies, out, keep_logs, seed) -> No
         sys.exit(code)
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
-        results = run_demo(duration, sessions, session_rate, names, Path(out), keep_logs, seed)
+        slo = dict(ttft_slo=ttft_slo, itl_slo=itl_slo, slo_target=DEMO_SLO_TARGET)
+        results = run_demo(duration, sessions, session_rate, names, Path(out), keep_logs, seed, slo)
     except KeyboardInterrupt:
         click.echo("interrupted; everything the demo started was stopped", err=True)
         sys.exit(130)
