@@ -45,7 +45,7 @@ import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field, fields
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
@@ -91,47 +91,47 @@ class ModelSpec:
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(f"model {self.name!r}: num_experts_per_tok > num_local_experts")
 
-    @property
+    @cached_property
     def is_moe(self) -> bool:
         return self.num_local_experts > 1
 
-    @property
+    @cached_property
     def attention_params_per_layer(self) -> int:
         h, d = self.hidden_size, self.head_dim
         return 2 * h * self.num_attention_heads * d + 2 * h * self.num_key_value_heads * d  # Q,O + K,V
 
-    @property
+    @cached_property
     def expert_params(self) -> int:
         """One gated (SwiGLU) MLP: gate, up, down."""
         return 3 * self.hidden_size * self.intermediate_size
 
-    @property
+    @cached_property
     def dense_params_per_layer(self) -> int:
         """Per-layer weights every token reads: attention, norms and (MoE) the router."""
         router = self.hidden_size * self.num_local_experts if self.is_moe else 0
         return self.attention_params_per_layer + 2 * self.hidden_size + router
 
-    @property
+    @cached_property
     def embedding_params(self) -> int:
         """Input embedding plus LM head (one table when tied)."""
         return self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
 
-    @property
+    @cached_property
     def total_params(self) -> int:
         per_layer = self.dense_params_per_layer + self.num_local_experts * self.expert_params
         return self.num_hidden_layers * per_layer + self.embedding_params + self.hidden_size
 
-    @property
+    @cached_property
     def active_params(self) -> int:
         """Parameters one token multiplies through (all of them except unused experts and the embedding)."""
         per_layer = self.dense_params_per_layer + self.num_experts_per_tok * self.expert_params
         return self.num_hidden_layers * per_layer + self.vocab_size * self.hidden_size
 
-    @property
+    @cached_property
     def weight_bytes(self) -> int:
         return self.total_params * self.dtype_bytes
 
-    @property
+    @cached_property
     def kv_bytes_per_token(self) -> int:
         return 2 * self.num_hidden_layers * self.num_key_value_heads * self.head_dim * self.kv_dtype_bytes
 
@@ -201,24 +201,24 @@ class GpuSpec:
             if f.name != "name" and not float(getattr(self, f.name)) > 0:
                 raise ValueError(f"gpu {self.name!r}: {f.name} must be positive, got {getattr(self, f.name)!r}")
 
-    @property
+    @cached_property
     def peak_flops(self) -> float:
         return self.bf16_tflops * 1e12
 
-    @property
+    @cached_property
     def hbm_bytes_per_s(self) -> float:
         return self.hbm_gbps * 1e9
 
-    @property
+    @cached_property
     def memory_bytes(self) -> float:
         return self.memory_gb * 1e9
 
-    @property
+    @cached_property
     def nvlink_bytes_per_s(self) -> float:
         """One direction."""
         return self.nvlink_gbps * 1e9 / 2
 
-    @property
+    @cached_property
     def network_bytes_per_s(self) -> float:
         return self.network_gbps * 1e9
 
