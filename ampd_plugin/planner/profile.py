@@ -10,8 +10,9 @@ sees, so HTTP and scheduling overheads land in the fitted constant term where th
 - **Decode step** T_dec(batch, context): `batch` concurrent streams with `context`-token prompts and
   `ignore_eos`; the step time is the median gap between streamed tokens while all streams are running.
 - **KV transfer** T_kv(tokens) (two endpoints running the `ampd` connector): a remote prefill on the first
-  endpoint, then the decode request on the second reads the KV; its TTFT minus that of the same, now
-  cached, prompt is the transfer. Without the connector the link is recorded as assumed (`--assume-link-gbps`).
+  endpoint, then the decode request on the second reads the KV; the connector's own read counters on the
+  second endpoint's /metrics give bytes and seconds (fallback: its TTFT minus that of the same, now
+  cached, prompt). Without the connector the link is recorded as assumed (`--assume-link-gbps`).
 Coefficients are non-negative least squares (`costmodel.fit_prefill/fit_decode`); the fit error is reported
 and stored with the raw samples in the YAML's `meta`.
 """
@@ -155,6 +156,24 @@ class Engine:
         return None, None
 
 
+    async def read_counters(self) -> dict[str, float]:
+        """The ampd connector's own read counters on /metrics (summed over label sets); {} without them."""
+        wanted = {"vllm:ampd_kv_read_bytes_total": "bytes", "vllm:ampd_kv_read_seconds_sum": "seconds",
+                  "vllm:ampd_kv_reads_total": "reads"}
+        out: dict[str, float] = {}
+        try:
+            async with self.http.get(f"{self.url}/metrics", timeout=self.timeout) as resp:
+                if resp.status != 200:
+                    return {}
+                for line in (await resp.text()).splitlines():
+                    name = line.split("{", 1)[0].split(" ", 1)[0]
+                    if name in wanted:
+                        out[wanted[name]] = out.get(wanted[name], 0.0) + float(line.rsplit(" ", 1)[1])
+        except (aiohttp.ClientError, ValueError):
+            return {}
+        return out
+
+
 # --------------------------------------------------------------------------------------- measurements
 class Profiler:
     def __init__(self, grid: Grid, seed: int = 0, tick: Callable[[str], None] | None = None):
@@ -191,12 +210,16 @@ class Profiler:
                 samples.decode.append((batch, batch * (ctx + n_out // 2), step))
                 self.tick(f"decode batch={batch} ctx={ctx}")
 
-    async def transfer(self, prefill: Engine, decode: Engine, samples: Samples) -> str | None:
-        """Times KV moved P→D by the `ampd` connector; returns why it could not, or None."""
+    async def transfer(self, prefill: Engine, decode: Engine, samples: Samples, kv_bytes_per_token: int) -> str | None:
+        """Times KV moved P→D by the `ampd` connector; returns why it could not, or None.
+
+        Preferred timing: the connector's own read counters on D's /metrics (bytes and seconds of the
+        read). Fallback: D's TTFT with the read minus its TTFT for the same prompt once cached.
+        """
         from ampd_plugin.connector import params as wire
 
         for tokens in self.grid.transfer:
-            times = []
+            times, sizes = [], []
             for _ in range(self.grid.repeats):
                 ids = self.fresh(tokens)
                 resp = await prefill.complete(ids, 1, kv=wire.remote_prefill_params())
@@ -204,11 +227,23 @@ class Profiler:
                 if wire.response_source(kv) is None:
                     return ("the endpoints do not run the ampd connector (no source descriptor in the prefill "
                             f"response{': ' + str(wire.response_error(kv)) if wire.response_error(kv) else ''})")
+                before = await decode.read_counters()
                 remote = (await decode.stream(ids, 1, kv=wire.decode_params(kv)))[0]
-                cached = (await decode.stream(ids, 1))[0]  # the same prompt, now in D's prefix cache
-                times.append(max(remote - cached, 0.0))
+                after = before
+                for _ in range(20):  # counters reach the API server with the engine's next stats update
+                    after = await decode.read_counters()
+                    if after.get("reads", 0) > before.get("reads", 0):
+                        break
+                    await asyncio.sleep(0.1)
+                if after.get("reads", 0) > before.get("reads", 0) and after.get("bytes", 0) > before.get("bytes", 0):
+                    sizes.append((after["bytes"] - before["bytes"]) / kv_bytes_per_token)
+                    times.append(after["seconds"] - before["seconds"])
+                else:
+                    cached = (await decode.stream(ids, 1))[0]  # the same prompt, now in D's prefix cache
+                    sizes.append(float(tokens))
+                    times.append(max(remote - cached, 0.0))
                 self.tick(f"kv transfer tokens={tokens}")
-            samples.transfer.append((tokens, statistics.median(times)))
+            samples.transfer.append((int(statistics.median(sizes)), statistics.median(times)))
         return None
 
 
@@ -255,12 +290,16 @@ def build_fitted(samples: Samples, kv_bytes_per_token: int, kv_capacity: int, tp
         "decode_mape": float(np.mean(relative_errors(dec, samples.decode))),
         "decode_max_error": float(np.max(relative_errors(dec, samples.decode))),
     }
+    link = None
     if len(samples.transfer) >= 2:
-        link = fit_link(samples.transfer, kv_bytes_per_token)
-        errs = [abs(link(t * kv_bytes_per_token) - s) / s for t, s in samples.transfer if s > 0]
-        report["transfer_mape"] = float(np.mean(errs)) if errs else 0.0
-        link_source = "measured"
-    else:
+        try:
+            link = fit_link(samples.transfer, kv_bytes_per_token)
+            errs = [abs(link(t * kv_bytes_per_token) - s) / s for t, s in samples.transfer if s > 0]
+            report["transfer_mape"] = float(np.mean(errs)) if errs else 0.0
+            link_source = "measured"
+        except ProfileError as exc:
+            meta = {**meta, "transfer_skipped": str(exc)}
+    if link is None:
         link = LinkCoefficients(200e-6, assume_link_gbps * 1e9)
         link_source = f"assumed {assume_link_gbps:g} GB/s"
     layout = Layout(tp=tp)
@@ -310,7 +349,7 @@ async def run_profile(endpoints: Sequence[str], grid: Grid, seed: int, timeout_s
         await prof.decode(first, samples)
         if len(engines) >= 2:
             await prof.warm_up(engines[1])
-            why = await prof.transfer(first, engines[1], samples)
+            why = await prof.transfer(first, engines[1], samples, kv_bytes_per_token)
             if why:
                 info["transfer_skipped"] = why
     return samples, info
@@ -400,5 +439,6 @@ def print_report(fitted: FittedCostModel, report: dict, info: dict, console: Con
         table.add_row(f"T_kv ({name})", f"latency={link.latency_s:.3g}s bw={link.bandwidth_bytes_per_s / 1e9:.3g} GB/s", err)
     console.print(table)
     console.print(f"KV capacity {c.kv_capacity_tokens} tokens; {fitted.kv_bytes_per_token} bytes/token")
-    if info.get("transfer_skipped"):
-        console.print(f"[yellow]KV transfer not measured:[/yellow] {info['transfer_skipped']}")
+    skipped = info.get("transfer_skipped") or fitted.meta.get("transfer_skipped")
+    if skipped:
+        console.print(f"[yellow]KV transfer not fitted:[/yellow] {skipped}")
