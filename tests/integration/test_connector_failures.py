@@ -68,6 +68,7 @@ def test_hung_peer_times_out_and_is_recomputed(pd, tokens):
 
 def test_unreachable_or_hung_history_holder_means_local_compute(pd, tokens):
     prompt = tokens(700, "history-holder-gone")
+    lc.reset_prefix_cache(pd.c.prefill.url)  # P must not cache the prompts, or no history export is attempted
     for history_from in ["http://127.0.0.1:1"]:
         p_kv = lc.completion(pd.c.prefill.url, prompt, max_tokens=1, kv_transfer_params=W.remote_prefill_params(
             history_from=history_from, history_tokens=500)).get("kv_transfer_params")
@@ -77,7 +78,8 @@ def test_unreachable_or_hung_history_holder_means_local_compute(pd, tokens):
         assert out == pd.reference(prompt, N_OUT)
     with silent_listener() as port:
         t0 = time.monotonic()
-        p_kv = lc.completion(pd.c.prefill.url, prompt[:650], max_tokens=1, kv_transfer_params=W.remote_prefill_params(
+        fresh = tokens(650, "history-holder-hung")  # P must not cache it, or no export is attempted
+        p_kv = lc.completion(pd.c.prefill.url, fresh, max_tokens=1, kv_transfer_params=W.remote_prefill_params(
             history_from=f"http://127.0.0.1:{port}", history_tokens=500)).get("kv_transfer_params")
         assert time.monotonic() - t0 < 30
         assert "history export" in W.response_error(p_kv)
