@@ -8,7 +8,8 @@ sees, so HTTP and scheduling overheads land in the fitted constant term where th
   history + increment streamed and time the first token. Only the increment is computed the second time,
   exactly like round k of a session on the worker that kept its history.
 - **Decode step** T_dec(batch, context): `batch` concurrent streams with `context`-token prompts and
-  `ignore_eos`; the step time is the median gap between streamed tokens while all streams are running.
+  `ignore_eos`; the step time is the median over the streams of their TPOT (time per output token after
+  the first), which is what the load test and the SLO measure.
 - **KV transfer** T_kv(tokens) (two endpoints running the `ampd` connector): a remote prefill on the first
   endpoint, then the decode request on the second reads the KV; the connector's own read counters on the
   second endpoint's /metrics give bytes and seconds (fallback: its TTFT minus that of the same, now
@@ -206,7 +207,7 @@ class Profiler:
         for batch in self.grid.batches:
             for ctx in self.grid.contexts:
                 streams = await asyncio.gather(*(engine.stream(self.fresh(ctx), n_out) for _ in range(batch)))
-                step = steady_step_time(streams)
+                step = steady_step_time(streams, n_out)
                 samples.decode.append((batch, batch * (ctx + n_out // 2), step))
                 self.tick(f"decode batch={batch} ctx={ctx}")
 
@@ -247,18 +248,16 @@ class Profiler:
         return None
 
 
-def steady_step_time(streams: Sequence[Sequence[float]]) -> float:
-    """Median token gap while every stream of the batch is decoding (prefills of late joiners excluded)."""
-    start = max(s[0] for s in streams)
-    end = min(s[-1] for s in streams)
-    gaps = [b - a for s in streams for a, b in zip(s, s[1:]) if a >= start and b <= end]
-    if not gaps:
-        gaps = [b - a for s in streams for a, b in zip(s, s[1:]) if a >= start]
-    if not gaps:
-        gaps = [b - a for s in streams for a, b in zip(s, s[1:])]
-    if not gaps:
-        raise ProfileError("decode streams produced fewer than two tokens; raise --decode-tokens")
-    return float(statistics.median(gaps))
+def steady_step_time(streams: Sequence[Sequence[float]], tokens: int) -> float:
+    """Median over the batch's streams of (t_last − t_first)/(tokens − 1): the decode step as the user sees
+    it (TPOT). Counting tokens rather than chunk gaps keeps it right when the server coalesces several
+    tokens into one chunk or the client reads a burst of chunks at once."""
+    if tokens < 2:
+        raise ProfileError("decode streams need at least two tokens; raise --decode-tokens")
+    per_stream = [(s[-1] - s[0]) / (tokens - 1) for s in streams if len(s) >= 2]
+    if not per_stream:
+        raise ProfileError("decode streams produced fewer than two chunks; raise --decode-tokens")
+    return float(statistics.median(per_stream))
 
 
 # --------------------------------------------------------------------------------------- fitting

@@ -127,8 +127,8 @@ def test_profile_unreachable_endpoint_is_a_clear_error(tmp_path):
     assert "cannot reach" in res.output
 
 
-def test_steady_step_time_ignores_join_pauses():
-    # Stream 2 joins late: the gaps before its first token (prefill pause) are excluded.
-    s1 = [0.0, 0.1, 1.0, 1.1, 1.2, 1.3]
-    s2 = [1.0, 1.1, 1.2, 1.3]
-    assert steady_step_time([s1, s2]) == pytest.approx(0.1)
+def test_steady_step_time_counts_tokens_not_chunks():
+    # 6 tokens at 0.1 s, but the second stream's last three arrive as one coalesced chunk.
+    s1 = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
+    s2 = [0.0, 0.1, 0.2, 0.5]
+    assert steady_step_time([s1, s2], tokens=6) == pytest.approx(0.1)
