@@ -10,7 +10,9 @@ History reads (flow c, migration): the reader asks the holder's HTTP front end t
 cache covers it, so it computes one token, pins the blocks and answers with their descriptor; meanwhile
 `get_num_new_matched_tokens` returns None ("ask again") so the engine keeps serving other requests.
 
-Readers report "done" to the holder's ZMQ PULL socket (`notify`); holders drain it once per step.
+Readers report "done" to the holder's ZMQ PULL socket (`notify`); holders drain it once per step. An idle
+engine does not step, so its pins then wait for the next request: harmless (nothing needs the memory while
+idle) and cheaper than keeping the engine loop spinning (which would burn its core for up to `hold_ttl_s`).
 """
 
 from __future__ import annotations
@@ -260,11 +262,6 @@ class AMPDScheduler:
             self._pressure = True
             return True
         return False
-
-    def has_pending_push_work(self) -> bool:
-        """Keep the engine stepping while exported blocks await their reader's notice (milliseconds
-        normally, `hold_ttl_s` at worst), so pins are released promptly even on an otherwise idle engine."""
-        return self._holds.count(SOURCE) > 0
 
     def reset_cache(self) -> bool:
         """`/reset_prefix_cache?reset_external=true`: drop every pin (a second reset then empties the cache)."""
