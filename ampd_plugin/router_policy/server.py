@@ -19,6 +19,7 @@ import gc
 import hmac
 import itertools
 import logging
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -50,6 +51,7 @@ decisions = logging.getLogger("ampd.router.decisions")
 _JSON = "application/json"
 _MAX_ATTEMPTS = 3  # a round survives up to two dead workers before the client sees an error
 _request_ids = itertools.count()
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
 _INLINE_TOKENIZE_CHARS = 8192  # longer new text is tokenized in a thread so relays keep flowing
 
 
@@ -656,6 +658,7 @@ class _Relay:
         self.t_last: float | None = None
         self.ok = False
         self.closed = False
+        self.usage_tokens: int | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         buf = b""
@@ -667,6 +670,10 @@ class _Relay:
                     events = buf.split(b"\n\n")
                     buf = events.pop()
                     for ev in events:
+                        if b'"completion_tokens":' in ev:  # a usage chunk (client asked include_usage): exact count
+                            m = _COMPLETION_TOKENS.search(ev)
+                            if m:
+                                self.usage_tokens = int(m.group(1))
                         if _is_token_event(ev):
                             self.n_out += 1
                             self.t_last = now
@@ -694,7 +701,10 @@ class _Relay:
         self.router._release(ctx)
         ctx.session.busy = False
         ttft = (self.t_first - ctx.t0) if self.t_first is not None else None
-        self.router._finish(ctx, ttft=ttft, t_first=self.t_first, t_last=self.t_last, n_out=self.n_out, ok=self.ok)
+        # Token events undercount slightly (a token that decodes to "" sends an empty delta); the usage
+        # chunk, when present, is exact.
+        n_out = self.usage_tokens if self.usage_tokens is not None else self.n_out
+        self.router._finish(ctx, ttft=ttft, t_first=self.t_first, t_last=self.t_last, n_out=n_out, ok=self.ok)
 
 
 class RelayResponse(Response):

@@ -143,6 +143,9 @@ class FakeEngine:
                 await resp.write(event({"id": "x", "model": MODEL, "choices": [{"index": 0, **delta, "finish_reason": None}]}))
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
+            if (body.get("stream_options") or {}).get("include_usage"):
+                await resp.write(event({"id": "x", "model": MODEL, "choices": [],
+                                        "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}}))
             await resp.write(b"data: [DONE]\n\n")
             await resp.write_eof()
             self.completed += 1

@@ -414,3 +414,17 @@ def test_ampd_reorders_the_prefill_queue_and_the_engine_runs_that_order():
     assert statuses == [200] * 4
     assert order == ["A", "S1", "S2", "L"]
     assert 'ampd_router_reorderings_total{worker="prefill-0"} 2.0' in metrics  # S1 and S2 both overtook L
+
+
+def test_stream_usage_chunk_gives_the_exact_resident_token_count():
+    async def main():
+        async with RouterHarness(policy="colocated") as h:
+            status, text, _ = await h.chat(USER, session="u", stream=True, max_tokens=7,
+                                           stream_options={"include_usage": True})
+            s = h.router.sessions.get("u", True)
+            return status, text, s.resident_tokens, h.router.cluster.decode["decode-0"].kv_used_tokens
+
+    status, text, resident, used = run(main())
+    prompt_tokens = max(1, len("user: hello there, tell me a story\n".encode()) // 4)
+    assert status == 200 and text == expected(USER, 7)
+    assert resident == prompt_tokens + 7 == used
