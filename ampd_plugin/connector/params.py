@@ -143,9 +143,12 @@ class SourceDescriptor:
     block_size: int      # tokens per block (must equal the reader's)
     block_bytes: int     # bytes of one block in one layer (must equal the reader's)
     bases: tuple[int, ...]  # per-layer base address of the holder's KV memory, in layer order
+    fingerprint: str | None = None  # prompt_fingerprint() of the first `tokens` token ids (optional)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        if self.fingerprint is None:
+            del d["fingerprint"]
         d["blocks"] = list(self.blocks)
         d["bases"] = list(self.bases)
         return d
@@ -154,7 +157,7 @@ class SourceDescriptor:
     def from_dict(cls, d: Any, where: str = "source") -> "SourceDescriptor":
         if not isinstance(d, Mapping):
             raise ParamsError(f"{where} must be an object, got {type(d).__name__}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name != "fingerprint"]
         if missing:
             raise ParamsError(f"{where} lacks {', '.join(missing)}")
         for name in ("engine", "te", "notify", "xfer"):
@@ -173,8 +176,21 @@ class SourceDescriptor:
             raise ParamsError(f"{where}: block_size, block_bytes and bases must be positive / non-empty")
         if tokens > len(blocks) * block_size:
             raise ParamsError(f"{where}.tokens={tokens} exceeds {len(blocks)} blocks of {block_size}")
+        fingerprint = d.get("fingerprint")
+        if fingerprint is not None and not isinstance(fingerprint, str):
+            raise ParamsError(f"{where}.fingerprint must be a string")
         return cls(engine=d["engine"], te=d["te"], notify=d["notify"], xfer=d["xfer"], blocks=tuple(blocks),
-                   tokens=tokens, block_size=block_size, block_bytes=block_bytes, bases=tuple(bases))
+                   tokens=tokens, block_size=block_size, block_bytes=block_bytes, bases=tuple(bases),
+                   fingerprint=fingerprint)
+
+
+def prompt_fingerprint(token_ids) -> str:
+    """A short hash of token ids: a reader checks that the holder's KV belongs to *its* prompt prefix, so a
+    mis-paired request (a router bug) is computed locally instead of poisoning the reader's prefix cache."""
+    import array
+    import hashlib
+
+    return hashlib.blake2b(array.array("q", token_ids).tobytes(), digest_size=12).hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ the request

@@ -52,15 +52,26 @@ def test_partial_remote_prefill(pd, tokens):
 
 
 def test_negative_control_decode_uses_transferred_kv(pd, tokens):
-    """P prefills A; D is asked for A' (first token changed) with P's params: D must continue A."""
+    """P prefills A; D is asked for A' (first token changed) with P's params stripped of the prompt
+    fingerprint (a peer that sends none): D must continue A — it decodes from the transferred KV."""
     a = tokens(400, "negative-control")
     a_prime = [a[0] + 1] + a[1:]
     ref_a, ref_a_prime = pd.reference(a, N_OUT), pd.reference(a_prime, N_OUT)
     assert ref_a != ref_a_prime, "the tiny model must be context sensitive for this control to mean anything"
-    p_ans = pd.c.prefill.url
-    p_kv = lc.completion(p_ans, a, max_tokens=1, kv_transfer_params=W.remote_prefill_params()).get("kv_transfer_params")
+    p_kv = lc.completion(pd.c.prefill.url, a, max_tokens=1, kv_transfer_params=W.remote_prefill_params()).get("kv_transfer_params")
+    p_kv["ampd"]["source"].pop("fingerprint")
     d_ans = lc.completion(pd.c.decode.url, a_prime, max_tokens=N_OUT, kv_transfer_params=W.decode_params(p_kv))
     assert lc.output_ids(d_ans) == ref_a
+
+
+def test_mispaired_prompts_are_caught_by_the_fingerprint(pd, tokens):
+    """The same mis-pairing with the fingerprint P sends: D refuses the foreign KV, computes A' itself."""
+    a = tokens(400, "fingerprint")
+    a_prime = [a[0] + 1] + a[1:]
+    p_kv = lc.completion(pd.c.prefill.url, a, max_tokens=1, kv_transfer_params=W.remote_prefill_params()).get("kv_transfer_params")
+    d_ans = lc.completion(pd.c.decode.url, a_prime, max_tokens=N_OUT, kv_transfer_params=W.decode_params(p_kv))
+    assert "fingerprint mismatch" in W.response_error(d_ans["kv_transfer_params"])
+    assert lc.output_ids(d_ans) == pd.reference(a_prime, N_OUT)
 
 
 def test_remote_incremental_prefill_moves_and_computes_only_the_increment(pd, pd_cluster, tokens):

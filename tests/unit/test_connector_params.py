@@ -69,3 +69,13 @@ def test_local_and_migrate_and_export():
 def test_malformed_params_raise_clear_errors(bad, match):
     with pytest.raises(P.ParamsError, match=match):
         P.parse(bad)
+
+
+def test_fingerprint_is_optional_and_roundtrips():
+    fp = P.prompt_fingerprint([1, 2, 3])
+    assert fp == P.prompt_fingerprint([1, 2, 3]) != P.prompt_fingerprint([1, 2, 4])
+    with_fp = P.SourceDescriptor.from_dict(_source(fingerprint=fp))
+    assert with_fp.fingerprint == fp and P.SourceDescriptor.from_dict(with_fp.to_dict()) == with_fp
+    assert "fingerprint" not in P.SourceDescriptor.from_dict(_source()).to_dict()
+    with pytest.raises(P.ParamsError, match="fingerprint"):
+        P.SourceDescriptor.from_dict(_source(fingerprint=7))

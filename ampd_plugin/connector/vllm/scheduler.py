@@ -158,6 +158,12 @@ class AMPDScheduler:
             st.error, st.done = problem, True
             log.error("ampd: request %s: %s", request.request_id, problem)
             return 0, False
+        if src.fingerprint is not None and src.fingerprint != wire.prompt_fingerprint(
+                (request.prompt_token_ids or [])[: src.tokens]):
+            st.error, st.done = ("the source holds KV of a different prompt (fingerprint mismatch): "
+                                 "computed locally"), True
+            log.error("ampd: request %s: %s", request.request_id, st.error)
+            return 0, False
         n = external_tokens(src.tokens, request.num_tokens, num_computed_tokens, bs,
                             whole_blocks_only=p.history is not None)
         st.load_start = num_computed_tokens
@@ -285,7 +291,8 @@ class AMPDScheduler:
             source = wire.SourceDescriptor(
                 engine=self.engine_id, te=self._worker.te_session, notify=self.notify_addr, xfer=p.xfer,
                 blocks=tuple(block_ids), tokens=tokens, block_size=self.block_size,
-                block_bytes=self._worker.block_bytes, bases=self._worker.bases)
+                block_bytes=self._worker.block_bytes, bases=self._worker.bases,
+                fingerprint=wire.prompt_fingerprint((request.prompt_token_ids or [])[:tokens]))
             st.stats["held_blocks"] = len(block_ids)
         elif p is not None and p.role in ("prefill", "export") and st.error is None:
             st.error = f"nothing exported (finish status {request.status.name}; send max_tokens=1)"
