@@ -219,6 +219,12 @@ class Profiler:
         """
         from ampd_plugin.connector import params as wire
 
+        # One discarded transfer first: the peers' first read pays the transfer engine's connection set-up.
+        warm = self.fresh(min(self.grid.transfer))
+        resp = await prefill.complete(warm, 1, kv=wire.remote_prefill_params())
+        kv = resp.get("kv_transfer_params")
+        if wire.response_source(kv) is not None:
+            await decode.stream(warm, 1, kv=wire.decode_params(kv))
         for tokens in self.grid.transfer:
             times, sizes = [], []
             for _ in range(self.grid.repeats):
