@@ -214,3 +214,14 @@ def test_bad_requests_get_openai_errors_and_nothing_breaks(pd_cluster, routers):
     # the router and the engines are still fine
     status, out, _ = post(url, "/v1/completions", {"prompt": "After the errors,", "max_tokens": 4, "temperature": 0})
     assert status == 200 and out["choices"][0]["text"]
+
+
+def test_remote_rounds_read_the_history_from_the_decode_worker(pd_cluster, routers):
+    """With a history spanning whole KV blocks (128 tokens on CPU), a remote round makes P read it from D
+    (flow c) instead of recomputing it — visible in P's reported read bytes — and the answer is still exact."""
+    opening = "Background for the analysis: " + " ".join(f"item{i} costs {i * 13 % 97} units;" for i in range(120))
+    routes = converse(routers["remote"].url, pd_cluster.plain.url, "conv-long-history", opening, rounds=3)
+    assert {r for r, _ in routes} == {"remote"}
+    history_read = [line for line in routers["remote"].metrics().splitlines()
+                    if line.startswith('ampd_router_kv_bytes_moved_total{kind="history_read"}')]
+    assert history_read and float(history_read[0].split()[-1]) > 0, history_read
