@@ -124,7 +124,9 @@ def _worker_argv(engine: str, target: str, model: str, r: Replica, port: int, bo
     if bootstrap is not None:
         argv += ["--disaggregation-bootstrap-port", str(bootstrap)]
     if r.kind == "decode":
-        argv += ["--disaggregation-decode-enable-radix-cache"]  # keeps session history between rounds
+        # The radix cache keeps each session's history between rounds; local prefill on a decode worker
+        # runs in SGLang's normal (non-overlap) loop only — the plugin refuses start-up otherwise.
+        argv += ["--disaggregation-decode-enable-radix-cache", "--disable-overlap-schedule"]
     if max_model_len:
         argv += ["--context-length", str(max_model_len)]
     return argv

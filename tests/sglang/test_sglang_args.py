@@ -41,6 +41,7 @@ def test_representative_command_parses():
 
 
 def test_planner_emitted_sglang_commands_parse():
+    from ampd_plugin.connector.sglang.checks import problems
     from ampd_plugin.planner.emit import RouterOptions, build_deployment
     from ampd_plugin.planner.placement import Placement, Replica
 
@@ -60,6 +61,8 @@ def test_planner_emitted_sglang_commands_parse():
             assert args.disaggregation_bootstrap_port == worker.bootstrap_port
         else:
             assert args.disaggregation_decode_enable_radix_cache
+        # The plugin's own start-up check (local prefill on) accepts what the planner emits.
+        assert problems(vars(args), local_prefill=True, multi_tokenizer_ok=True) == []
     assert kinds == {"prefill", "decode"}
 
 
