@@ -1,6 +1,8 @@
 # Developer and CI commands. `make test` is what CI (.ci/run) runs on a clean checkout.
 #   make setup      install system libraries, CPU torch, this package with its extras (idempotent)
-#   make test       setup, then the whole suite inside a loopback-only network namespace
+#   make test       setup, the SGLang backend's tests with the pinned SGLang in .venv-sglang (its own torch;
+#                   ~11 GB the first time), then the whole suite inside a loopback-only network namespace
+#   make test-sglang only the SGLang part
 #   make test-unit  the fast unit tests only, no setup, no namespace
 #   make demo       setup, then `ampd-plugin demo`
 
@@ -25,7 +27,7 @@ export PIP_ROOT_USER_ACTION := ignore
 # This machine's pip config lists index directories that may not exist; pip warns once per package.
 PIP_NOISE := grep -v -e "^WARNING: Location '.*' is ignored" || true
 
-.PHONY: setup setup-system setup-python test test-unit demo
+.PHONY: setup setup-system setup-python test test-sglang test-unit demo
 
 setup: setup-system setup-python
 
@@ -49,8 +51,13 @@ setup-python:
 	  missing = [m for m in ('vllm', 'locust', 'torch') if u.find_spec(m) is None]; \
 	  assert not missing, f'missing after setup: {missing}'" && echo "setup: ok"
 
+# SGLang first: it builds .venv-sglang, which the planner's tests also use to parse emitted SGLang commands.
 test: setup
+	scripts/test_sglang.sh
 	PYTHON=$(PYTHON) scripts/test.sh $(ARGS)
+
+test-sglang:
+	scripts/test_sglang.sh
 
 test-unit:
 	$(PYTHON) -m pytest -q tests/unit $(ARGS)
