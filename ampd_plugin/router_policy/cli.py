@@ -46,6 +46,10 @@ class _GreedyOption(click.Option):
 @click.command("route")
 @click.option("--prefill", "prefill", multiple=True, cls=_GreedyOption, help="Prefill worker base URL (repeatable; also space-separated).")
 @click.option("--decode", "decode", multiple=True, cls=_GreedyOption, help="Decode worker base URL (repeatable; also space-separated).")
+@click.option("--engine", type=click.Choice(["vllm", "sglang"]), default=None,
+              help="What the workers are: vllm (default; kv_transfer_params wire) or sglang (bootstrap_host/port/room wire).")
+@click.option("--bootstrap-port", "bootstrap_ports", multiple=True, cls=_GreedyOption, metavar="PORT",
+              help="SGLang: prefill workers' --disaggregation-bootstrap-port, one per --prefill in order, or one for all (default 8998).")
 @click.option("--policy", default=None, help="ampd | disagg | colocated | threshold | an installed plugin name.")
 @click.option("--param", "params", multiple=True, metavar="NAME=VALUE", help="Policy parameter, e.g. alpha=0.9 beta=0.85 w=3.")
 @click.option("--kv-connector", type=click.Choice(["ampd", "none"]), default=None, help="KV transfer protocol of the engines.")
@@ -62,13 +66,15 @@ class _GreedyOption(click.Option):
 @click.option("--gpu", default=None, help="GPU preset for the roofline cost model.")
 @click.option("--balanced-pd-share", type=float, default=None, help="Strategy: P prefills this share of each remote prompt, D the rest.")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
-def route(prefill, decode, policy, params, kv_connector, ttft_slo, itl_slo, host, port, config_file, api_key,
+def route(prefill, decode, engine, bootstrap_ports, policy, params, kv_connector, ttft_slo, itl_slo, host, port, config_file, api_key,
           tokenizer, model, profile, cost_model, gpu, balanced_pd_share, log_level) -> None:
     """Run the multi-round-aware OpenAI-compatible router (binds 127.0.0.1 unless told otherwise)."""
     cfg = RouterConfig.from_yaml(config_file) if config_file else RouterConfig()
     split = lambda urls: [u for item in urls for u in item.split()]  # noqa: E731
     try:
+        ports = [_port(p) for p in split(bootstrap_ports)]
         cfg = cfg.updated({
+            "engine": engine, "bootstrap_ports": ports or None,
             "prefill": split(prefill) or None, "decode": split(decode) or None, "policy": policy,
             "policy_params": _policy_params(params) or None, "kv_connector": kv_connector, "ttft_slo": ttft_slo,
             "itl_slo": itl_slo, "host": host, "port": port, "api_key": api_key, "tokenizer": tokenizer,
@@ -93,6 +99,13 @@ def route(prefill, decode, policy, params, kv_connector, ttft_slo, itl_slo, host
     logging.getLogger("ampd.router").info("config: %s", cfg.redacted())
     uvicorn.run(router.app, host=cfg.host, port=cfg.port, loop=loop, http=http, access_log=False,
                 log_level=cfg.log_level, timeout_graceful_shutdown=5)
+
+
+def _port(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--bootstrap-port {text!r}: expected a port number") from None
 
 
 def _has(module: str) -> bool:

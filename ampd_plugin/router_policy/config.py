@@ -22,6 +22,8 @@ class RouterConfig:
     policy: str = "ampd"
     policy_params: dict[str, Any] = field(default_factory=dict)
     kv_connector: str = "ampd"  # "ampd" | "none" (no KV movement: every prefill local)
+    engine: str = "vllm"  # "vllm" | "sglang": which PD wire the workers speak (docs/router.md "SGLang workers")
+    bootstrap_ports: list[int] = field(default_factory=list)  # SGLang: each prefill's bootstrap port, in order
     ttft_slo: float = 2.0  # seconds
     itl_slo: float = 0.1  # seconds
     host: str = "127.0.0.1"
@@ -77,10 +79,32 @@ class RouterConfig:
                              "use vLLM's mooncake_connector_proxy.py for that baseline, or --kv-connector ampd")
         if self.kv_connector not in ("ampd", "none"):
             raise ValueError(f"--kv-connector must be ampd or none, not {self.kv_connector!r}")
+        if self.engine not in ("vllm", "sglang"):
+            raise ValueError(f"--engine must be vllm or sglang, not {self.engine!r}")
+        if not isinstance(self.bootstrap_ports, list):
+            raise ValueError(f"bootstrap_ports must be a list of ports, not {self.bootstrap_ports!r}")
+        if self.bootstrap_ports and self.engine != "sglang":
+            raise ValueError("--bootstrap-port only applies to --engine sglang")
+        if self.bootstrap_ports and len(self.bootstrap_ports) not in (1, len(self.prefill)):
+            raise ValueError(f"give one --bootstrap-port for all prefill workers or one per --prefill worker "
+                             f"({len(self.prefill)}), not {len(self.bootstrap_ports)}")
+        for port in self.bootstrap_ports:
+            if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= 65535:
+                raise ValueError(f"--bootstrap-port must be a TCP port in 1..65535, not {port!r}")
+        if self.engine == "sglang" and self.balanced_pd_share > 0:
+            raise ValueError("balanced_pd_share needs the vLLM ampd connector's token-range prefill; "
+                             "SGLang's PD wire has no such request (use --engine vllm or leave it at 0)")
         if not 0.0 <= self.balanced_pd_share < 1.0:
             raise ValueError("balanced_pd_share must be in [0, 1)")
         if self.ttft_slo <= 0 or self.itl_slo <= 0:
             raise ValueError("SLOs must be positive seconds")
+
+    def prefill_bootstrap_ports(self) -> list[int]:
+        """One bootstrap port per prefill worker (SGLang): as given, one value for all, or SGLang's default."""
+        from ampd_plugin.router_policy.sglang_wire import SGLANG_DEFAULT_BOOTSTRAP_PORT
+
+        ports = self.bootstrap_ports or [SGLANG_DEFAULT_BOOTSTRAP_PORT]
+        return ports * len(self.prefill) if len(ports) == 1 else list(ports)
 
     def redacted(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

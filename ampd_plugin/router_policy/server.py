@@ -110,6 +110,14 @@ class Router:
         # One thread: HF fast tokenizers must not be called concurrently (their Rust object is borrowed).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-tokenize")
         self._warned_no_kv = False
+        # The round executor is chosen once: SGLang's PD wire (bootstrap fields, concurrent P and D
+        # requests) only when its workers are disaggregated SGLang; everything else is the vLLM wire.
+        if cfg.engine == "sglang" and cfg.kv_connector == "ampd":
+            from ampd_plugin.router_policy.sglang_exec import SGLangExecutor
+
+            self._execute = SGLangExecutor(self).execute
+        else:
+            self._execute = self._execute_vllm
         self.app = Starlette(
             routes=[
                 HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
@@ -398,15 +406,19 @@ class Router:
         task.started_at = time.monotonic()
         ctx.queue_wait = task.started_at - now
         try:
-            previous = None
-            for step in ctx.plan.steps[:-1]:
-                previous = await self._prefill_step(ctx, step)
-            if ctx.plan.queue_worker != ctx.plan.generate.worker:
-                self._release(ctx)
-            return await self._generate(ctx, ctx.plan.generate, previous)
+            return await self._execute(ctx)
         except BaseException:
             self._release(ctx)
             raise
+
+    async def _execute_vllm(self, ctx: RoundCtx) -> Response:
+        """vLLM wire: run the plan's steps in order, each carrying its `kv_transfer_params`."""
+        previous = None
+        for step in ctx.plan.steps[:-1]:
+            previous = await self._prefill_step(ctx, step)
+        if ctx.plan.queue_worker != ctx.plan.generate.worker:
+            self._release(ctx)
+        return await self._generate(ctx, ctx.plan.generate, previous)
 
     def _bind(self, s: Session, prompt_tokens: int, reason: str) -> str:
         try:
@@ -500,7 +512,7 @@ class Router:
                     "max_tokens": 1, "stream": False, "temperature": 0}
             path = "/v1/completions"
         body["kv_transfer_params"] = step.kv_params(self._session_param(ctx), self._url, None, lambda: self._xfer(ctx))
-        resp = await self.upstreams.post(step.worker, path, orjson.dumps(body), self._headers(ctx))
+        resp = await self.upstreams.post(step.worker, path, orjson.dumps(body), self.headers(ctx))
         try:
             data = await resp.read()
         except asyncio.TimeoutError as exc:
@@ -530,7 +542,7 @@ class Router:
             self.metrics.kv_bytes.labels("history_read").inc(int(stats["read_bytes"]))
         return params
 
-    def _headers(self, ctx: RoundCtx) -> dict[str, str]:
+    def headers(self, ctx: RoundCtx) -> dict[str, str]:
         return {"Content-Type": _JSON, "X-Request-Id": ctx.request_id}
 
     async def _generate(self, ctx: RoundCtx, step: prim.Step, previous: dict | None) -> Response:
@@ -543,9 +555,20 @@ class Router:
             kv = wire.local_params(session=self._session_param(ctx))
         if self.cfg.kv_connector == "ampd":
             body["kv_transfer_params"] = kv
+        return await self.send_generate(ctx, step, body)
+
+    async def send_generate(self, ctx: RoundCtx, step: prim.Step, body: dict) -> Response:
+        """POST the client-facing request to the decode worker and relay its answer (any engine's wire)."""
+        return await self.relay_generate(ctx, step, self.post_generate(ctx, step, body))
+
+    def post_generate(self, ctx: RoundCtx, step: prim.Step, body: dict) -> Awaitable[aiohttp.ClientResponse]:
         path = "/v1/chat/completions" if ctx.chat else "/v1/completions"
+        return self.upstreams.post(step.worker, path, orjson.dumps(body), self.headers(ctx))
+
+    async def relay_generate(self, ctx: RoundCtx, step: prim.Step, response: Awaitable[aiohttp.ClientResponse]) -> Response:
+        """Wait for the decode worker's response headers, then relay its body and account for the round."""
         d = self.cluster.decode[step.worker]
-        resp = await self.upstreams.post(step.worker, path, orjson.dumps(body), self._headers(ctx))
+        resp = await response
         headers = {"x-ampd-route": ctx.plan.name, "x-ampd-worker": ctx.route.worker if ctx.route else step.worker,
                    "x-ampd-decode": step.worker}
         if resp.status != 200:
