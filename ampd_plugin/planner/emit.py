@@ -169,6 +169,11 @@ def build_deployment(label: str, placement: Placement, engine: str, model: str, 
     for w in workers:
         url = f"http://127.0.0.1:{w.port}" if target == "cpu-demo" else w.url()
         router_argv += ["--prefill" if w.kind == "prefill" else "--decode", url]
+    if engine == "sglang":  # SGLang's PD wire: the router must know each prefill's bootstrap port, in order
+        router_argv += ["--engine", "sglang"]
+        for w in workers:
+            if w.kind == "prefill":
+                router_argv += ["--bootstrap-port", str(w.bootstrap_port)]
     router_argv += ["--policy", router.policy, "--kv-connector", "ampd" if disaggregated else "none", "--ttft-slo", f"{router.ttft_slo:g}",
                     "--itl-slo", f"{router.itl_slo:g}", "--host", host, "--port", str(router.port), *router.extra]
     return Deployment(label, engine, target, model, placement.nodes, workers, router_argv, summary or {})

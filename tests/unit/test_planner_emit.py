@@ -88,6 +88,16 @@ def test_router_command_lists_all_workers():
         assert argv[argv.index(flag) + 1] == value
 
 
+def test_sglang_router_command_names_the_engine_and_each_prefill_bootstrap_port():
+    dep = deployment(engine="sglang", prefill={4: 2}, decode={4: 2})
+    argv = dep.router_argv
+    assert argv[argv.index("--engine") + 1] == "sglang"
+    prefill = [w for w in dep.workers if w.kind == "prefill"]
+    ports = [argv[i + 1] for i, a in enumerate(argv) if a == "--bootstrap-port"]
+    assert ports == [str(w.bootstrap_port) for w in prefill]
+    assert "--engine" not in deployment().router_argv
+
+
 @pytest.mark.parametrize("engine,target", [("vllm", "gpu"), ("sglang", "gpu"), ("vllm", "cpu-demo")])
 def test_scripts_pass_bash_n(tmp_path, engine, target):
     kw = dict(prefill={1: 1}, decode={1: 1}, gpus=2, per_node=2) if target == "cpu-demo" else {}
