@@ -130,3 +130,21 @@ def test_cli_flags(tmp_path):
     cfg = tmp_path / "r.yaml"
     cfg.write_text("engine: sglang\nbootstrap_ports: [9001]\ndecode: [http://127.0.0.1:1]\n")
     assert RouterConfig.from_yaml(cfg).engine == "sglang"
+
+
+def test_kv_pressure_migration_becomes_a_local_prefill_on_the_new_decode_worker():
+    async def main():
+        async with SGLangHarness(n_decode=2, policy="colocated", decode_kv_tokens=400) as h:
+            msgs = [{"role": "user", "content": "x " * 300}]
+            _, out, h1 = await h.chat(msgs, session="m", max_tokens=8)
+            first = h1["x-ampd-decode"]
+            h.router.cluster.decode[first].kv_used_tokens = 390  # the worker fills up with other sessions
+            msgs = msgs + [out["choices"][0]["message"], {"role": "user", "content": "go on"}]
+            status, out2, h2 = await h.chat(msgs, session="m", max_tokens=8)
+            new = h2["x-ampd-decode"]
+            return first, new, status, out2, msgs, h.decode[int(new[-1])].requests[-1], h.prefill[0].requests
+
+    first, new, status, out2, msgs, req, p_reqs = run(main())
+    assert new != first and status == 200 and out2["choices"][0]["message"]["content"] == expected(msgs)
+    assert req["bootstrap_host"] == AMPD_LOCAL_BOOTSTRAP_HOST and "kv_transfer_params" not in req
+    assert p_reqs == []
