@@ -76,8 +76,11 @@ class RouterProcess:
 
     def __init__(self, policy: str, prefill: list[str], decode: list[str], port: int, log_path: Path,
                  ttft_slo: float, itl_slo: float) -> None:
-        argv = [sys.executable, "-m", "ampd_plugin.cli", "route", "--policy", policy, "--kv-connector", "ampd",
+        name, params = split_policy_spec(policy)
+        argv = [sys.executable, "-m", "ampd_plugin.cli", "route", "--policy", name, "--kv-connector", "ampd",
                 "--ttft-slo", str(ttft_slo), "--itl-slo", str(itl_slo), "--host", "127.0.0.1", "--port", str(port)]
+        for param in params:
+            argv += ["--param", param]
         for url in prefill:
             argv += ["--prefill", url]
         for url in decode:
@@ -159,23 +162,49 @@ def warm_up(url: str) -> None:
     _post(url + "/v1/completions", {"prompt": "warm up " * 20, "max_tokens": 8, "ignore_eos": True, "temperature": 0})
 
 
+def _slug(policy: str) -> str:
+    return policy.replace(":", "_").replace("=", "-")
+
+
+def split_policy_spec(spec: str) -> tuple[str, list[str]]:
+    """`ampd:itl_aware=true:predictive=true` -> ("ampd", ["itl_aware=true", "predictive=true"]).
+
+    Lets the demo compare a policy with its options (the router's `--param NAME=VALUE`) side by side.
+    """
+    name, *params = spec.split(":")
+    return name, params
+
+
+def check_policy_spec(spec: str) -> None:
+    """Raise click.BadParameter for an unknown policy or parameter (the registry's own message)."""
+    from ampd_plugin.router_policy.cli import _policy_params  # the router's own NAME=VALUE parsing
+    from ampd_plugin.router_policy.costs import router_cost_model
+    from ampd_plugin.router_policy.registry import load_policy
+
+    name, params = split_policy_spec(spec)
+    try:
+        load_policy(name, router_cost_model(), **_policy_params(tuple(params)))
+    except (ValueError, click.BadParameter) as exc:
+        raise click.BadParameter(f"{spec!r}: {exc}", param_hint="--policies") from exc
+
+
 def run_policy(policy: str, workers: list, out: Path, duration_s: float, sessions: int, rate: float, seed: int,
                slo: dict, status=None) -> PolicyResult:
     from ampd_plugin.localcluster import free_port, reset_prefix_cache
     from ampd_plugin.loadtest_cli import LoadTestSpec, run_loadtest
 
     p, d = workers
-    prefill, decode = ([], [p.url, d.url]) if policy == "colocated" else ([p.url], [d.url])
+    prefill, decode = ([], [p.url, d.url]) if split_policy_spec(policy)[0] == "colocated" else ([p.url], [d.url])
     for w in workers:
         reset_prefix_cache(w.url)  # every policy starts from cold caches
-    router = RouterProcess(policy, prefill, decode, free_port(), out / f"router-{policy}.log",
+    router = RouterProcess(policy, prefill, decode, free_port(), out / f"router-{_slug(policy)}.log",
                            slo["ttft_slo"], slo["itl_slo"])
     result = PolicyResult(policy)
     kv_before = engine_kv_bytes([w.url for w in workers])
     try:
         router.wait_ready()
         spec = LoadTestSpec(host=router.url, sessions=sessions, session_rate=rate, seed=seed,
-                            duration_s=duration_s + 120, report_dir=str(out / policy), **DEMO_WORKLOAD, **slo)
+                            duration_s=duration_s + 120, report_dir=str(out / _slug(policy)), **DEMO_WORKLOAD, **slo)
         if status is not None:
             status.update(f"[bold]{policy}[/]: {sessions} sessions at {rate:g}/s (about {duration_s:.0f} s) …")
         code, report = run_loadtest(spec, quiet=True)
@@ -303,7 +332,7 @@ def _sigterm_as_interrupt(signum, frame):  # noqa: ARG001
 @click.option("--duration", type=float, default=120, show_default=True, help="Seconds of load per policy (about)")
 @click.option("--sessions", type=int, default=None, help="Sessions per policy (default: rate × duration)")
 @click.option("--session-rate", type=float, default=DEMO_RATE, show_default=True, help="Poisson session arrivals per second")
-@click.option("--policies", default=",".join(POLICIES), show_default=True, help="Comma-separated router policies to compare")
+@click.option("--policies", default=",".join(POLICIES), show_default=True, help="Comma-separated router policies to compare; NAME:param=value:... passes router --param options")
 @click.option("--out", "out", type=click.Path(file_okay=False), default="demo-out", show_default=True)
 @click.option("--keep-logs", is_flag=True, help="Keep the engines' and routers' logs under --out")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -318,6 +347,8 @@ def demo(duration, sessions, session_rate, policies, out, keep_logs, seed, repea
     names = [p.strip() for p in policies.split(",") if p.strip()]
     if not names:
         raise click.BadParameter("no policy given", param_hint="--policies")
+    for spec in names:  # fail now, not minutes later when that policy's router starts
+        check_policy_spec(spec)
     if not in_isolated_netns():
         if os.geteuid() != 0:
             raise click.ClickException(

@@ -78,3 +78,18 @@ def test_repeated_runs_show_median_and_range():
     demo_mod.print_table(results, console, "t")
     text = console.export_text()
     assert "70.0 % (50.0 %–90.0 %)" in text and "over 3 runs" in text
+
+
+def test_policy_specs_carry_router_params_and_are_checked_up_front():
+    import click
+    import pytest
+
+    from ampd_plugin.demo import check_policy_spec, split_policy_spec
+
+    assert split_policy_spec("ampd") == ("ampd", [])
+    assert split_policy_spec("ampd:itl_aware=true:predictive=true") == ("ampd", ["itl_aware=true", "predictive=true"])
+    check_policy_spec("ampd:itl_aware=true:predictive=true")
+    check_policy_spec("colocated")
+    for bad in ("nosuchpolicy", "ampd:nosuchparam=1", "ampd:itl_aware"):
+        with pytest.raises(click.BadParameter):
+            check_policy_spec(bad)
