@@ -90,6 +90,8 @@ def test_policy_specs_carry_router_params_and_are_checked_up_front():
     assert split_policy_spec("ampd:itl_aware=true:predictive=true") == ("ampd", ["itl_aware=true", "predictive=true"])
     check_policy_spec("ampd:itl_aware=true:predictive=true")
     check_policy_spec("colocated")
+    assert split_policy_spec("ampd*") == ("ampd", ["predictive=true", "itl_aware=true"])
+    check_policy_spec("ampd*")
     for bad in ("nosuchpolicy", "ampd:nosuchparam=1", "ampd:itl_aware"):
         with pytest.raises(click.BadParameter):
             check_policy_spec(bad)
