@@ -123,7 +123,7 @@ class SSEStreamParser:
                 content = choice.get("text")
             if choice.get("finish_reason"):
                 m.finish_reason = choice["finish_reason"]
-            if not content:
+            if not content and not choice.get("token_ids"):  # a chunk of token ids is a token too
                 continue
             if m.t_first is None:
                 m.t_first = now
@@ -131,4 +131,4 @@ class SSEStreamParser:
                 m.gaps.append(now - m.t_last)
             m.t_last = now
             m.content_chunks += 1
-            m.text_parts.append(content)
+            m.text_parts.append(content or "")

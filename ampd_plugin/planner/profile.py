@@ -21,7 +21,6 @@ and stored with the raw samples in the YAML's `meta`.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import statistics
 import time
@@ -38,6 +37,7 @@ from rich.table import Table
 
 from ampd_plugin.costmodel import (FittedCostModel, LayoutCoefficients, LinkCoefficients, fit_decode, fit_prefill,
                                    load_model_spec)
+from ampd_plugin.loadtest.stream import SSEStreamParser, StreamError
 from ampd_plugin.router_policy.state import Layout
 
 TOKEN_LOW, TOKEN_HIGH = 10, 250  # ids valid in any vocabulary of ≥ 256 tokens
@@ -111,26 +111,27 @@ class Engine:
             return await resp.json()
 
     async def stream(self, ids: list[int], max_tokens: int, kv: dict | None = None) -> list[float]:
-        """Streamed completion; returns the arrival time (perf_counter, relative to send) of every token chunk."""
+        """Streamed completion; returns the arrival time (perf_counter, relative to send) of every token chunk.
+
+        Parsed by the load test's SSE parser, so profile and load test time tokens the same way.
+        """
         t0 = time.perf_counter()
-        times: list[float] = []
+        parser = SSEStreamParser(t_sent=t0)
         async with self.http.post(f"{self.url}/v1/completions", json=self.body(ids, max_tokens, True, kv),
                                   timeout=self.timeout) as resp:
             if resp.status != 200:
                 raise ProfileError(f"{self.url}/v1/completions answered HTTP {resp.status}: {(await resp.text())[:300]}")
-            async for raw in resp.content:
-                line = raw.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == b"[DONE]":
-                    break
-                chunk = json.loads(payload)
-                choices = chunk.get("choices") or []
-                if choices and (choices[0].get("text") or choices[0].get("token_ids")):
-                    times.append(time.perf_counter() - t0)
-        if not times:
+            try:
+                async for data in resp.content.iter_any():
+                    parser.feed(data, time.perf_counter())
+                m = parser.close(time.perf_counter())
+            except StreamError as exc:
+                raise ProfileError(f"{self.url}: {exc}") from exc
+        if m.t_first is None:
             raise ProfileError(f"{self.url}: a streamed completion produced no token")
+        times = [m.t_first - t0]
+        for gap in m.gaps:
+            times.append(times[-1] + gap)
         return times
 
     async def cache_info(self) -> tuple[int | None, int | None]:
