@@ -91,7 +91,9 @@ def run_loadtest(spec: LoadTestSpec, quiet: bool = False) -> tuple[int, dict | N
 
 
 def _run_distributed(spec: LoadTestSpec, users: int, out) -> int:
-    port = _free_port()
+    from ampd_plugin.localcluster import free_port
+
+    port = free_port()
     master = subprocess.Popen(locust_command(spec, users, master_port=port), stdout=out, stderr=out)
     workers = [
         subprocess.Popen([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
@@ -109,14 +111,6 @@ def _run_distributed(spec: LoadTestSpec, users: int, out) -> int:
                     proc.wait(15)
                 except subprocess.TimeoutExpired:
                     proc.kill()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_sweep(spec: LoadTestSpec, rates: list[float], quiet: bool = False) -> dict:

@@ -22,13 +22,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from ampd_plugin.localcluster import free_port
 
 MODEL = "mock-model"
 N_TOKENS = 16
@@ -90,10 +91,6 @@ def serve_mock(port: int) -> None:
 
 
 # ------------------------------------------------------------------------------------------ processes
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def pinned(cmd: list[str], cpu: int | None) -> list[str]:

@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import socket
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -21,6 +20,7 @@ import uvicorn
 from aiohttp import web
 
 from ampd_plugin.connector import params as wire
+from ampd_plugin.localcluster import free_port
 from ampd_plugin.router_policy.config import RouterConfig
 from ampd_plugin.router_policy.registry import load_policy
 from ampd_plugin.router_policy.server import Router
@@ -29,10 +29,6 @@ from ampd_plugin.router_policy.sessions import PromptCounter
 MODEL = "fake-model"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def answer_tokens(prompt_key: str, n: int) -> list[str]:

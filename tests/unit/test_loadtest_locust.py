@@ -12,7 +12,6 @@ import asyncio
 import csv
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from ampd_plugin.localcluster import free_port
 from aiohttp import web
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,18 +28,12 @@ LOCUSTFILE = REPO / "loadtest" / "locustfile.py"
 TOKEN_DELAY_S = 0.005
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class FakeOpenAI:
     """Streams `max_tokens` one-word chunks after a role-only chunk, then usage and [DONE]."""
 
     def __init__(self) -> None:
         self.requests: list[dict] = []
-        self.port = _free_port()
+        self.port = free_port()
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -146,7 +141,7 @@ def test_exit_code_nonzero_below_target(fake_server, tmp_path):
 
 
 def test_distributed_run_merges_worker_records(fake_server, tmp_path):
-    port = _free_port()
+    port = free_port()
     master = subprocess.Popen(
         _locust_args(fake_server.url, tmp_path, "-u", "6", "-r", "6", "--master", "--expect-workers", "2",
                      "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)),

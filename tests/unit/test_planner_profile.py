@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import threading
 
 import pytest
@@ -12,6 +11,7 @@ from aiohttp import web
 from click.testing import CliRunner
 
 from ampd_plugin.costmodel import FittedCostModel
+from ampd_plugin.localcluster import free_port
 from ampd_plugin.planner.profile import profile, steady_step_time
 from ampd_plugin.router_policy.state import Layout
 
@@ -70,9 +70,7 @@ class FakeEngine:
 
 @pytest.fixture(scope="module")
 def fake_url():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     loop = asyncio.new_event_loop()
     engine = FakeEngine()
     app = web.Application()
@@ -118,9 +116,7 @@ def test_profile_fits_known_coefficients(tmp_path, fake_url):
 
 
 def test_profile_unreachable_endpoint_is_a_clear_error(tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     res = CliRunner().invoke(profile, ["--endpoint", f"http://127.0.0.1:{port}", "--out", str(tmp_path / "x.yaml"),
                                        "--timeout", "5"])
     assert res.exit_code == 1
