@@ -96,16 +96,16 @@ class RouterProcess:
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout_s: float = ROUTER_START_TIMEOUT_S) -> None:
-        from ampd_plugin.localcluster import is_healthy
+        from ampd_plugin.localcluster import is_healthy, log_tail
 
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"router exited with {self.proc.returncode}; log {self.log_path}:\n{_tail(self.log_path)}")
+                raise RuntimeError(f"router exited with {self.proc.returncode}; log {self.log_path}:\n{log_tail(self.log_path, 30)}")
             if is_healthy(self.url):
                 return
             time.sleep(0.5)
-        raise TimeoutError(f"router not healthy after {timeout_s:.0f}s; log {self.log_path}:\n{_tail(self.log_path)}")
+        raise TimeoutError(f"router not healthy after {timeout_s:.0f}s; log {self.log_path}:\n{log_tail(self.log_path, 30)}")
 
     def stop(self, grace_s: float = 10.0) -> None:
         if self.proc.poll() is None:
@@ -118,13 +118,6 @@ class RouterProcess:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(10)
         self._log.close()
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
 
 
 def engine_kv_bytes(urls: list[str]) -> float | None:

@@ -85,6 +85,14 @@ def reexec_in_netns(name: str, argv: Sequence[str] | None = None, env: Mapping[s
     return subprocess.call(["ip", "netns", "exec", name, *argv], env=dict(env) if env is not None else None)
 
 
+def log_tail(path: Path, lines: int = 40) -> str:
+    """The last `lines` lines of a process log, for error messages when it fails to start."""
+    try:
+        return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
 # ------------------------------------------------------------------------------------------------ ports
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free right now (the OS picks it)."""
@@ -164,10 +172,7 @@ class VllmServer:
         return self.proc.poll() is None
 
     def log_tail(self, lines: int = 40) -> str:
-        try:
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        except OSError:
-            return "(no log)"
+        return log_tail(self.log_path, lines)
 
     def stop(self, grace_s: float = 20.0) -> None:
         """SIGTERM the server's process group (created for it, id = its PID), then SIGKILL after ``grace_s``."""
