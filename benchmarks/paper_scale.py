@@ -26,9 +26,8 @@ from pathlib import Path
 import numpy as np
 
 from ampd_plugin import slo
-from ampd_plugin.costmodel import build_cost_model
+from ampd_plugin.costmodel import Layout, build_cost_model
 from ampd_plugin.planner.simulate import Deployment, Pool, simulate
-from ampd_plugin.router_policy.state import Layout
 from ampd_plugin.workload import generate
 
 MODEL, GPU = "Llama-3.1-70B", "H20"

@@ -31,11 +31,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from ampd_plugin.costmodel import FittedCostModel
+from ampd_plugin.costmodel import FittedCostModel, Layout
 from ampd_plugin.localcluster import free_port, in_isolated_netns, is_healthy, start_vllm, stop_all, wait_healthy
 from ampd_plugin.loadtest.schedule import build_sessions
 from ampd_plugin.planner.simulate import Deployment, Pool, simulate
-from ampd_plugin.router_policy.state import Layout
 from ampd_plugin.tiny_model import build_tiny_model
 
 CANDIDATES = [  # name, policy, kv connector, prefill workers, decode workers

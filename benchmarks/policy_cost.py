@@ -16,9 +16,9 @@ import argparse
 import random
 import timeit
 
-from ampd_plugin.costmodel import build_cost_model
+from ampd_plugin.costmodel import Layout, build_cost_model
 from ampd_plugin.router_policy.registry import load_policy
-from ampd_plugin.router_policy.state import DECODE, PREFILL, ClusterState, Layout, PrefillTask, WorkerState
+from ampd_plugin.router_policy.state import DECODE, PREFILL, ClusterState, PrefillTask, WorkerState
 
 
 def build(n: int, rng: random.Random, ttft: float, itl: float) -> ClusterState:

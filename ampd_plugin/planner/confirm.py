@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from typing import Callable
 
-from ampd_plugin.planner.links import LinkPricing
+from ampd_plugin.costmodel import Layout, LinkPricing
 from ampd_plugin.planner.search import Candidate, PlanRequest
-from ampd_plugin.router_policy.state import Layout
 
 
 def make_simulator(req: PlanRequest, workload: str, sessions: int, seed: int = 0,

@@ -22,7 +22,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ampd_plugin.router_policy.state import Layout
+from ampd_plugin.costmodel import Layout
 
 # Utilisation levels ρ_l the ILP chooses from (finer near saturation, where latency moves fastest).
 DEFAULT_RHO_GRID: tuple[float, ...] = tuple(

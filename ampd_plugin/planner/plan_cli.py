@@ -13,7 +13,7 @@ from rich.table import Table
 
 from ampd_plugin.planner.emit import ENGINES, TARGETS, RouterOptions, build_deployment, slug, write_deployment
 from ampd_plugin.planner.latency_tables import WorkloadStats
-from ampd_plugin.planner.links import LinkPricing
+from ampd_plugin.costmodel import LinkPricing
 from ampd_plugin.planner.placement import PlacementError
 from ampd_plugin.planner.search import PlanInfeasible, PlanRequest, PlanResult, search
 

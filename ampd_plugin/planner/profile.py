@@ -14,7 +14,7 @@ sees, so HTTP and scheduling overheads land in the fitted constant term where th
   endpoint, then the decode request on the second reads the KV; the connector's own read counters on the
   second endpoint's /metrics give bytes and seconds (fallback: its TTFT minus that of the same, now
   cached, prompt). Without the connector the link is recorded as assumed (`--assume-link-gbps`).
-Coefficients are non-negative least squares (`costmodel.fit_prefill/fit_decode`); the fit error is reported
+Coefficients are non-negative least squares (`costmodel.fit_prefill/fit_decode/fit_link`); the fit error is reported
 and stored with the raw samples in the YAML's `meta`.
 """
 
@@ -35,10 +35,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ampd_plugin.costmodel import (FittedCostModel, LayoutCoefficients, LinkCoefficients, fit_decode, fit_prefill,
-                                   load_model_spec)
+from ampd_plugin.costmodel import (FittedCostModel, Layout, LayoutCoefficients, LinkCoefficients, fit_decode,
+                                   fit_link, fit_prefill, load_model_spec)
 from ampd_plugin.loadtest.stream import SSEStreamParser, StreamError
-from ampd_plugin.router_policy.state import Layout
 
 TOKEN_LOW, TOKEN_HIGH = 10, 250  # ids valid in any vocabulary of ≥ 256 tokens
 
@@ -272,17 +271,6 @@ def relative_errors(model: Callable[[int, int], float], samples: Sequence[tuple[
     return [abs(model(a, b) - y) / y for a, b, y in samples if y > 0]
 
 
-def fit_link(samples: Sequence[tuple[int, float]], kv_bytes_per_token: int) -> LinkCoefficients:
-    from scipy.optimize import nnls
-
-    rows = np.array([[1.0, t * kv_bytes_per_token] for t, _ in samples])
-    y = np.array([s for _, s in samples])
-    (lat, inv_bw) = nnls(rows, y)[0]
-    if inv_bw <= 0:
-        raise ProfileError("KV transfer times did not grow with size; cannot fit a bandwidth")
-    return LinkCoefficients(float(lat), float(1.0 / inv_bw))
-
-
 def build_fitted(samples: Samples, kv_bytes_per_token: int, kv_capacity: int, tp: int, links: Sequence[str],
                  assume_link_gbps: float, meta: dict) -> tuple[FittedCostModel, dict]:
     """Fit all coefficients; returns the model and the fit-error report."""
@@ -303,7 +291,7 @@ def build_fitted(samples: Samples, kv_bytes_per_token: int, kv_capacity: int, tp
             errs = [abs(link(t * kv_bytes_per_token) - s) / s for t, s in samples.transfer if s > 0]
             report["transfer_mape"] = float(np.mean(errs)) if errs else 0.0
             link_source = "measured"
-        except ProfileError as exc:
+        except ValueError as exc:
             meta = {**meta, "transfer_skipped": str(exc)}
     if link is None:
         link = LinkCoefficients(200e-6, assume_link_gbps * 1e9)

@@ -34,7 +34,8 @@ from typing import Any, Callable, Iterable, Sequence
 from ampd_plugin import slo
 from ampd_plugin.router_policy.registry import PolicyRunner, load_policy, policy_class
 from ampd_plugin.router_policy.registry import policy_params as accepted_params
-from ampd_plugin.router_policy.state import DECODE, PREFILL, ClusterState, Layout, PrefillTask, SessionInfo, WorkerState
+from ampd_plugin.costmodel import Layout
+from ampd_plugin.router_policy.state import DECODE, PREFILL, ClusterState, PrefillTask, SessionInfo, WorkerState
 from ampd_plugin.workload import Session
 
 _POOL_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from ampd_plugin.costmodel import CostModel
 from ampd_plugin.router_policy.base import BasePolicy
 from ampd_plugin.router_policy.spec import hookimpl
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask, Route, WorkerState
@@ -33,7 +34,7 @@ class AMPDPolicy(BasePolicy):
 
     def __init__(
         self,
-        cost_model: Any,
+        cost_model: CostModel,
         *,
         alpha: float = 0.9,
         beta: float = 0.85,

@@ -7,11 +7,11 @@ policy can subclass it to get the same parameters and helpers.
 from __future__ import annotations
 
 import random
-from typing import Any
 
+from ampd_plugin.costmodel import CostModel, Layout
 from ampd_plugin.router_policy.registry import least_loaded_decode
 from ampd_plugin.router_policy.spec import hookimpl
-from ampd_plugin.router_policy.state import ClusterState, Layout, PrefillTask, SessionInfo, WorkerState
+from ampd_plugin.router_policy.state import ClusterState, PrefillTask, SessionInfo, WorkerState
 
 
 def _positive(name: str, value: float) -> float:
@@ -30,7 +30,7 @@ class BasePolicy:
 
     def __init__(
         self,
-        cost_model: Any,
+        cost_model: CostModel,
         *,
         ttft_slo: float = 2.0,
         itl_slo: float = 0.1,

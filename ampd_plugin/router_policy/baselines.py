@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ampd_plugin.costmodel import CostModel
 from ampd_plugin.router_policy.base import BasePolicy
 from ampd_plugin.router_policy.spec import hookimpl
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask, Route
@@ -46,7 +47,7 @@ class ThresholdPolicy(BasePolicy):
     it, like Dynamo's `ratio_threshold`.
     """
 
-    def __init__(self, cost_model: Any, *, max_local_tokens: int = 256, max_local_ratio: float = 1.0, **base: Any):
+    def __init__(self, cost_model: CostModel, *, max_local_tokens: int = 256, max_local_ratio: float = 1.0, **base: Any):
         super().__init__(cost_model, **base)
         if int(max_local_tokens) < 0:
             raise ValueError(f"max_local_tokens must be >= 0, got {max_local_tokens}")

@@ -18,6 +18,7 @@ from typing import Any
 
 import pluggy
 
+from ampd_plugin.costmodel import CostModel
 from ampd_plugin.router_policy import spec
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask, Route, SessionInfo, WorkerState
 
@@ -62,13 +63,13 @@ def policy_params(cls: type) -> dict[str, Any]:
     return params
 
 
-def load_policy(name: str, cost_model: Any, **params: Any) -> "PolicyRunner":
+def load_policy(name: str, cost_model: CostModel, **params: Any) -> "PolicyRunner":
     """Build the policy registered as `name` with `params`, wrapped in a validating runner."""
     cls = policy_class(name)
     return build_runner(name, cls, cost_model, **params)
 
 
-def build_runner(name: str, cls: type, cost_model: Any, **params: Any) -> "PolicyRunner":
+def build_runner(name: str, cls: type, cost_model: CostModel, **params: Any) -> "PolicyRunner":
     """Like `load_policy` for a class that is not (yet) installed as an entry point (tests, notebooks)."""
     accepted = policy_params(cls)
     unknown = sorted(set(params) - set(accepted))

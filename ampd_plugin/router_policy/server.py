@@ -42,7 +42,8 @@ from ampd_plugin.router_policy.metrics import RouterMetrics
 from ampd_plugin.router_policy.queues import PrefillQueues
 from ampd_plugin.router_policy.registry import PolicyError
 from ampd_plugin.router_policy.sessions import PromptCounter, Session, SessionStore, session_identity
-from ampd_plugin.router_policy.state import ClusterState, Layout, PrefillTask, Route, SessionInfo, WorkerState
+from ampd_plugin.costmodel import Layout
+from ampd_plugin.router_policy.state import ClusterState, PrefillTask, Route, SessionInfo, WorkerState
 from ampd_plugin.router_policy.upstream import UpstreamTimeout, Upstreams, WorkerDown, endpoints
 
 log = logging.getLogger("ampd.router")

@@ -13,21 +13,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ampd_plugin.costmodel.layout import Layout
+
 PREFILL = "prefill"
 DECODE = "decode"
 WorkerKind = Literal["prefill", "decode"]
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Parallel layout of one engine replica (tensor and pipeline parallel degree)."""
-
-    tp: int = 1
-    pp: int = 1
-
-    @property
-    def devices(self) -> int:
-        return self.tp * self.pp
 
 
 class WindowedMean:

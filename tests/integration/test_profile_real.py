@@ -8,7 +8,7 @@ from click.testing import CliRunner
 
 from ampd_plugin.costmodel import FittedCostModel
 from ampd_plugin.planner.profile import profile
-from ampd_plugin.router_policy.state import Layout
+from ampd_plugin.costmodel import Layout
 
 pytestmark = pytest.mark.integration
 

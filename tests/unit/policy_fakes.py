@@ -6,7 +6,8 @@ by hand in the tests.
 
 from __future__ import annotations
 
-from ampd_plugin.router_policy.state import DECODE, PREFILL, ClusterState, Layout, WorkerState
+from ampd_plugin.costmodel import Layout
+from ampd_plugin.router_policy.state import DECODE, PREFILL, ClusterState, WorkerState
 
 
 class FakeCost:

@@ -11,6 +11,7 @@ from ampd_plugin.costmodel import (
     Efficiency,
     FittedCostModel,
     GpuSpec,
+    Layout,
     LayoutCoefficients,
     LinkCoefficients,
     ModelSpec,
@@ -22,7 +23,6 @@ from ampd_plugin.costmodel import (
     load_gpu_spec,
     load_model_spec,
 )
-from ampd_plugin.router_policy.state import Layout
 
 # Round numbers so the expected values below are easy to follow by hand.
 GPU = GpuSpec(name="test", bf16_tflops=100, hbm_gbps=1000, memory_gb=80, nvlink_gbps=400, network_gbps=50)

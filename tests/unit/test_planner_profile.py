@@ -10,10 +10,9 @@ import pytest
 from aiohttp import web
 from click.testing import CliRunner
 
-from ampd_plugin.costmodel import FittedCostModel
+from ampd_plugin.costmodel import FittedCostModel, Layout
 from ampd_plugin.localcluster import free_port
 from ampd_plugin.planner.profile import profile, steady_step_time
-from ampd_plugin.router_policy.state import Layout
 
 PRE = (0.03, 4e-5, 0.0)  # a, b, c of T_pre
 DEC = (0.01, 0.004)  # step = a + b·(streams decoding)

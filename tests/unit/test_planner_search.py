@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from ampd_plugin.planner.latency_tables import LatencyModel, WorkloadStats
-from ampd_plugin.planner.links import LinkPricing
+from ampd_plugin.costmodel import Layout, LinkPricing
 from ampd_plugin.planner.placement import place
 from ampd_plugin.planner.search import (Candidate, PlanInfeasible, PlanRequest, build_tables, evaluate, score,
                                         search, solve_ilp)
-from ampd_plugin.router_policy.state import Layout
 
 
 class DegreeCost:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from ampd_plugin.planner.simulate import Deployment, Pool, parse_pool, simulate
-from ampd_plugin.router_policy.state import Layout
+from ampd_plugin.costmodel import Layout
 from ampd_plugin.workload import Round, Session, generate
 
 from policy_fakes import FakeCost

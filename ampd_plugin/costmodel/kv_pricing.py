@@ -8,7 +8,7 @@ cost under the placement, and so that `--link-bw` / `--net-bw` replace the prese
 
 from __future__ import annotations
 
-from ampd_plugin.router_policy.state import Layout
+from ampd_plugin.costmodel.layout import Layout
 
 TRANSFER_LATENCY_S = 200e-6  # fixed cost per transfer when a bandwidth is overridden (as the roofline)
 
