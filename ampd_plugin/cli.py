@@ -16,7 +16,7 @@ COMMANDS: dict[str, str] = {
     "simulate": "ampd_plugin.planner.simulate_cli:simulate",
     "plan": "ampd_plugin.planner.plan_cli:plan",
     "profile": "ampd_plugin.planner.profile:profile",
-    "route": "ampd_plugin.router_policy.cli:route",
+    "route": "ampd_plugin.router.cli:route",
     "loadtest": "ampd_plugin.loadtest_cli:loadtest",
     "demo": "ampd_plugin.demo:demo",
     "build-tiny-model": "ampd_plugin.tiny_model:build_tiny_model_cmd",

@@ -173,8 +173,8 @@ def split_policy_spec(spec: str) -> tuple[str, list[str]]:
 
 def check_policy_spec(spec: str) -> None:
     """Raise click.BadParameter for an unknown policy or parameter (the registry's own message)."""
-    from ampd_plugin.router_policy.cli import _policy_params  # the router's own NAME=VALUE parsing
-    from ampd_plugin.router_policy.costs import router_cost_model
+    from ampd_plugin.router.cli import _policy_params  # the router's own NAME=VALUE parsing
+    from ampd_plugin.router.costs import router_cost_model
     from ampd_plugin.router_policy.registry import load_policy
 
     name, params = split_policy_spec(spec)

@@ -3,7 +3,7 @@
 A policy is a plugin object implementing some of these hooks. AMPD and every baseline are plugins of
 this one spec; third parties register theirs under the `ampd_plugin.policies` entry-point group.
 Hooks are pure decisions: they read a `ClusterState`, may consult a cost model, and do no I/O.
-Both drivers — the live router (`router_policy.server`) and the simulator (`planner.simulate`) —
+Both drivers — the live router (`ampd_plugin.router`) and the simulator (`planner.simulate`) —
 call them through `registry.PolicyRunner`.
 """
 

@@ -16,7 +16,7 @@ import pytest
 
 pytest.importorskip("sglang", reason="needs .venv-sglang (scripts/test_sglang.sh)")
 
-from ampd_plugin.router_policy.sglang_wire import AMPD_LOCAL_BOOTSTRAP_HOST  # noqa: E402
+from ampd_plugin.connector.sglang.wire import AMPD_LOCAL_BOOTSTRAP_HOST  # noqa: E402
 
 FRESH_PROCESS_PROBE = r"""
 import json, sys
@@ -61,7 +61,8 @@ def test_plugin_loads_through_entry_point_in_fresh_process():
 
 def test_import_ampd_plugin_never_imports_sglang():
     code = ("import sys, ampd_plugin, ampd_plugin.connector, ampd_plugin.connector.sglang, "
-            "ampd_plugin.connector.sglang.register, ampd_plugin.router_policy.sglang_wire\n"
+            "ampd_plugin.connector.sglang.register, ampd_plugin.connector.sglang.wire, "
+            "ampd_plugin.router.sglang_wire\n"
             "assert 'sglang' not in sys.modules, 'sglang imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

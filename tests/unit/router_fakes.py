@@ -21,10 +21,10 @@ from aiohttp import web
 
 from ampd_plugin.connector import params as wire
 from ampd_plugin.localcluster import free_port
-from ampd_plugin.router_policy.config import RouterConfig
+from ampd_plugin.router.config import RouterConfig
 from ampd_plugin.router_policy.registry import load_policy
-from ampd_plugin.router_policy.server import Router
-from ampd_plugin.router_policy.sessions import PromptCounter
+from ampd_plugin.router.server import Router
+from ampd_plugin.router.sessions import PromptCounter
 
 MODEL = "fake-model"
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from aiohttp import web
 from router_fakes import FakeEngine, RouterHarness
 
-from ampd_plugin.router_policy.sglang_wire import AMPD_LOCAL_BOOTSTRAP_HOST
+from ampd_plugin.connector.sglang.wire import AMPD_LOCAL_BOOTSTRAP_HOST
 
 
 @dataclass

@@ -3,9 +3,9 @@
 import pytest
 from click.testing import CliRunner
 
-from ampd_plugin.router_policy import app as app_module
-from ampd_plugin.router_policy import cli
-from ampd_plugin.router_policy.config import RouterConfig
+from ampd_plugin.router import app as app_module
+from ampd_plugin.router import cli
+from ampd_plugin.router.config import RouterConfig
 
 
 def test_yaml_then_flags(tmp_path):

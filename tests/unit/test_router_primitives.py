@@ -1,7 +1,7 @@
 """Routes and strategies composed from the sub-request primitives, checked against the real wire schema."""
 
 from ampd_plugin.connector import params as wire
-from ampd_plugin.router_policy import primitives as prim
+from ampd_plugin.router import primitives as prim
 
 URLS = {"prefill-0": "http://127.0.0.1:8010", "decode-0": "http://127.0.0.1:8020", "decode-1": "http://127.0.0.1:8021"}
 SOURCE = wire.response_params(source=wire.SourceDescriptor(

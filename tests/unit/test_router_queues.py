@@ -4,9 +4,9 @@ import asyncio
 
 import pytest
 
-from ampd_plugin.router_policy.queues import PrefillQueues
+from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask, WorkerState
-from ampd_plugin.router_policy.upstream import WorkerDown
+from ampd_plugin.router.upstream import WorkerDown
 
 
 def make(order=None, slots=1):

@@ -349,7 +349,7 @@ class IdTokenizer:
 
 
 def test_balanced_pd_sends_the_first_share_as_token_ids():
-    from ampd_plugin.router_policy.sessions import PromptCounter
+    from ampd_plugin.router.sessions import PromptCounter
 
     async def main():
         async with RouterHarness(policy="disagg", balanced_pd_share=0.5, counter=PromptCounter(IdTokenizer())) as h:

@@ -1,6 +1,6 @@
 """Session identity and incremental prompt counting."""
 
-from ampd_plugin.router_policy.sessions import PromptCounter, SessionStore, session_identity
+from ampd_plugin.router.sessions import PromptCounter, SessionStore, session_identity
 
 
 def test_identity_order_header_then_field_then_user():

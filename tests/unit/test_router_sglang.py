@@ -5,9 +5,9 @@ from click.testing import CliRunner
 from router_fakes import answer_tokens, prompt_key, run
 from sglang_fakes import SGLangHarness
 
-from ampd_plugin.router_policy.cli import route
-from ampd_plugin.router_policy.config import RouterConfig
-from ampd_plugin.router_policy.sglang_wire import AMPD_LOCAL_BOOTSTRAP_HOST
+from ampd_plugin.router.cli import route
+from ampd_plugin.router.config import RouterConfig
+from ampd_plugin.connector.sglang.wire import AMPD_LOCAL_BOOTSTRAP_HOST
 
 USER = [{"role": "user", "content": "hello there, tell me a story"}]
 FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")

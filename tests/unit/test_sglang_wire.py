@@ -4,14 +4,16 @@ import random
 
 import pytest
 
-from ampd_plugin.router_policy.sglang_wire import (
+from ampd_plugin.connector.sglang.wire import (
     AMPD_LOCAL_BOOTSTRAP_HOST,
     MAX_BOOTSTRAP_ROOM,
     SGLANG_DEFAULT_BOOTSTRAP_PORT,
+    is_local_prefill_request,
+)
+from ampd_plugin.router.sglang_wire import (
     SGLangPrefillEndpoint,
     bodies_for_route,
     bootstrap_host_of,
-    is_local_prefill_request,
     local_prefill_body,
     new_bootstrap_room,
     remote_prefill_bodies,

@@ -7,7 +7,7 @@ there on a decode scheduler — `get_new_batch_prefill` (PrefillAdder, radix-cac
 `--disaggregation-decode-enable-radix-cache` the tree cache keeps each finished round's KV. So:
 
 1. `Scheduler._add_request_to_queue` (AROUND): on a decode worker, a request whose `bootstrap_host` is
-   the router's sentinel (`sglang_wire.AMPD_LOCAL_BOOTSTRAP_HOST`) goes to a local queue instead of the
+   the router's sentinel (`wire.AMPD_LOCAL_BOOTSTRAP_HOST`) goes to a local queue instead of the
    transfer pre-allocation queue (the router still sends a `bootstrap_room`, so SGLang's own admission
    check passes).
 2. `Scheduler.get_next_disagg_decode_batch_to_run` (AROUND): first fold the previous local EXTEND batch
@@ -32,7 +32,7 @@ from typing import Any, List, Optional
 
 from ampd_plugin.connector.sglang import BACKEND_NAME
 from ampd_plugin.connector.sglang.checks import local_prefill_enabled
-from ampd_plugin.router_policy.sglang_wire import is_local_prefill_request
+from ampd_plugin.connector.sglang.wire import is_local_prefill_request
 
 logger = logging.getLogger(__name__)
 

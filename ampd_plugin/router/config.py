@@ -101,7 +101,7 @@ class RouterConfig:
 
     def prefill_bootstrap_ports(self) -> list[int]:
         """One bootstrap port per prefill worker (SGLang): as given, one value for all, or SGLang's default."""
-        from ampd_plugin.router_policy.sglang_wire import SGLANG_DEFAULT_BOOTSTRAP_PORT
+        from ampd_plugin.connector.sglang.wire import SGLANG_DEFAULT_BOOTSTRAP_PORT
 
         ports = self.bootstrap_ports or [SGLANG_DEFAULT_BOOTSTRAP_PORT]
         return ports * len(self.prefill) if len(ports) == 1 else list(ports)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from ampd_plugin.router_policy.config import RouterConfig
-from ampd_plugin.router_policy.costs import router_cost_model
+from ampd_plugin.router.config import RouterConfig
+from ampd_plugin.router.costs import router_cost_model
 from ampd_plugin.router_policy.registry import load_policy
-from ampd_plugin.router_policy.server import Router
+from ampd_plugin.router.server import Router
 
 
 def make_router(cfg: RouterConfig) -> Router:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from ampd_plugin.router_policy.config import RouterConfig
+from ampd_plugin.router.config import RouterConfig
 
 
 def _policy_params(values: tuple[str, ...]) -> dict:
@@ -86,7 +86,7 @@ def route(prefill, decode, engine, bootstrap_ports, policy, params, kv_connector
         raise click.UsageError(str(exc))
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    from ampd_plugin.router_policy.app import make_router
+    from ampd_plugin.router.app import make_router
 
     try:
         router = make_router(cfg)

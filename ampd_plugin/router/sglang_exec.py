@@ -7,7 +7,7 @@ sender in that room, and the client gets the decode worker's answer. A local rou
 a decode-only request with the sentinel host, which the `ampd` SGLang plugin prefills in place.
 
 Everything else — sessions, policy, queues, relay, accounting — is the router's shared code; this module
-only replaces the step execution (`Router._execute`), chosen once at start-up.
+is one `RoundExecutor` (chosen once at start-up), written on `RoundIO`'s primitives.
 """
 
 from __future__ import annotations
@@ -17,20 +17,16 @@ import contextlib
 import logging
 import random
 import time
-from typing import TYPE_CHECKING
 
 import aiohttp
-import orjson
+from starlette.responses import Response
 
-from ampd_plugin.router_policy import primitives as prim
-from ampd_plugin.router_policy.sglang_wire import SGLangPrefillEndpoint, bodies_for_route
+from ampd_plugin.router import primitives as prim
+from ampd_plugin.router.context import RoundCtx
+from ampd_plugin.router.round_io import RoundIO
+from ampd_plugin.router.sglang_wire import SGLangPrefillEndpoint, bodies_for_route
+from ampd_plugin.router.upstream import upstream_error
 from ampd_plugin.router_policy.state import Route
-from ampd_plugin.router_policy.upstream import UpstreamTimeout, WorkerDown
-
-if TYPE_CHECKING:
-    from starlette.responses import Response
-
-    from ampd_plugin.router_policy.server import RoundCtx, Router
 
 log = logging.getLogger("ampd.router")
 
@@ -46,15 +42,15 @@ class PrefillRejected(Exception):
 class SGLangExecutor:
     """Runs a round's plan on SGLang workers: local = decode only; remote = P and D concurrently."""
 
-    def __init__(self, router: "Router", rng: random.Random | None = None) -> None:
-        self.router = router
+    def __init__(self, io: RoundIO, bootstrap_ports: list[int], rng: random.Random | None = None) -> None:
+        """`bootstrap_ports`: one per prefill worker, in the order of their ids."""
+        self.io = io
         self.rng = rng
-        prefill_ids = [wid for wid, ep in router.eps.items() if ep.kind == "prefill"]
-        ports = router.cfg.prefill_bootstrap_ports()
-        self.endpoints = {wid: SGLangPrefillEndpoint(router.eps[wid].url, port) for wid, port in zip(prefill_ids, ports)}
+        prefill_ids = [wid for wid, ep in io.eps.items() if ep.kind == "prefill"]
+        self.endpoints = {wid: SGLangPrefillEndpoint(io.eps[wid].url, port) for wid, port in zip(prefill_ids, bootstrap_ports)}
         self._background: set[asyncio.Task] = set()  # prefill requests still draining after the relay began
 
-    async def execute(self, ctx: "RoundCtx") -> "Response":
+    async def execute(self, ctx: RoundCtx) -> Response:
         if ctx.plan.name == "remote":
             return await self._remote(ctx)
         if ctx.plan.name != "local":
@@ -64,15 +60,15 @@ class SGLangExecutor:
             ctx.plan = prim.local_plan(prim.RoundShape(ctx.decode, ctx.prompt_tokens, 0))
         return await self._local(ctx)
 
-    async def _local(self, ctx: "RoundCtx") -> "Response":
+    async def _local(self, ctx: RoundCtx) -> Response:
         wire = bodies_for_route(Route("local", ctx.decode), ctx.body, self.endpoints, rng=self.rng)
-        return await self.router.send_generate(ctx, ctx.plan.generate, wire.decode_body)
+        return await self.io.generate(ctx, ctx.plan.generate, wire.decode_body)
 
-    async def _remote(self, ctx: "RoundCtx") -> "Response":
-        r, step, prefill_wid = self.router, ctx.plan.generate, ctx.route.worker
+    async def _remote(self, ctx: RoundCtx) -> Response:
+        io, step, prefill_wid = self.io, ctx.plan.generate, ctx.route.worker
         wire = bodies_for_route(ctx.route, ctx.body, self.endpoints, rng=self.rng)
         prefill = asyncio.create_task(self._prefill(ctx, prefill_wid, wire.prefill_body))
-        decode = asyncio.create_task(r.post_generate(ctx, step, wire.decode_body))
+        decode = asyncio.create_task(io.post_generate(ctx, step, wire.decode_body))
         handed_over = False
         try:
             # Until the decode worker answers, a failed prefill means the decode is waiting for a transfer
@@ -83,17 +79,15 @@ class SGLangExecutor:
                 await _abort(decode)
                 exc = prefill.exception()
                 if isinstance(exc, PrefillRejected) and exc.status >= 500:
-                    r.metrics.errors.labels("prefill_failed").inc()
+                    io.metrics.errors.labels("prefill_failed").inc()
                     log.warning("prefill on %s answered %s; the decode worker will compute the prompt",
                                 prefill_wid, exc.status)
-                    r._release(ctx)
+                    io.release(ctx)
                     ctx.fallback = "prefill-5xx"
                     ctx.plan = prim.local_plan(prim.RoundShape(ctx.decode, ctx.prompt_tokens, ctx.task.l_hist))
                     return await self._local(ctx)
                 if isinstance(exc, PrefillRejected):  # the engine refused the input itself: the client's error
-                    from ampd_plugin.router_policy.server import _upstream_error
-
-                    raise _upstream_error(exc.status, exc.data)
+                    raise upstream_error(exc.status, exc.data)
                 raise exc  # WorkerDown / UpstreamTimeout: the round's retry loop handles them
             if _failed(decode):  # the decode worker is gone: the prefill's transfer has no reader
                 await _abort(prefill)
@@ -102,35 +96,25 @@ class SGLangExecutor:
             if not prefill.done():
                 self._background.add(prefill)
                 prefill.add_done_callback(self._prefill_finished_late)
-            return await r.relay_generate(ctx, step, decode)
+            return await io.relay(ctx, step, decode)
         finally:
             if not handed_over:
                 for t in (prefill, decode):
                     if not t.done():
                         await _abort(t)
 
-    async def _prefill(self, ctx: "RoundCtx", wid: str, body: dict) -> None:
+    async def _prefill(self, ctx: RoundCtx, wid: str, body: dict) -> None:
         """POST the prefill body and read the answer to the end (its content is not the client's)."""
-        r = self.router
-        path = "/v1/chat/completions" if ctx.chat else "/v1/completions"
-        resp = await r.upstreams.post(wid, path, orjson.dumps(body), r.headers(ctx))
-        try:
-            data = await resp.read()
-        except asyncio.TimeoutError as exc:
-            resp.close()
-            raise UpstreamTimeout(wid) from exc
-        except aiohttp.ClientError as exc:
-            resp.close()
-            raise WorkerDown(wid, f"prefill response broken: {exc}") from exc
-        ctx.extra["prefill_done"] = time.monotonic()
-        if resp.status != 200:
-            raise PrefillRejected(wid, resp.status, data)
-        r._release(ctx)  # the prefill worker is free for its next queued task
+        status, data = await self.io.exchange(ctx, wid, ctx.generate_path, body, what="prefill response")
+        ctx.prefill_done = time.monotonic()
+        if status != 200:
+            raise PrefillRejected(wid, status, data)
+        self.io.release(ctx)  # the prefill worker is free for its next queued task
 
     def _prefill_finished_late(self, task: asyncio.Task) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self.router.metrics.errors.labels("prefill_failed").inc()
+            self.routeio.metrics.errors.labels("prefill_failed").inc()
             log.warning("prefill failed after the decode worker answered: %s", task.exception())
 
 

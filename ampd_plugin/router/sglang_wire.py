@@ -11,8 +11,9 @@ decode server (SGLang 0.5.23 `GenerateReqInput` / OpenAI `PDRoutingFields`):
 The client-facing answer is the decode server's. AMPD adds one route SGLang lacks: a *local* prefill
 on the decode worker that already holds the session's history. A decode server rejects any request
 without a `bootstrap_room`, so a local request still carries a room, plus the sentinel host
-`AMPD_LOCAL_BOOTSTRAP_HOST`; the `ampd` SGLang plugin on the decode worker sees the sentinel and runs the
-prefill itself (its radix cache covers the history) instead of waiting for a transfer.
+`AMPD_LOCAL_BOOTSTRAP_HOST` (`ampd_plugin.connector.sglang.wire`, the engine side of this wire); the `ampd`
+SGLang plugin on the decode worker sees the sentinel and runs the prefill itself (its radix cache covers
+the history) instead of waiting for a transfer.
 
 Pure functions, no I/O: the router calls them and does the HTTP.
 """
@@ -26,15 +27,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from ampd_plugin.connector.params import parse_worker_address
+from ampd_plugin.connector.sglang.wire import (AMPD_LOCAL_BOOTSTRAP_HOST, MAX_BOOTSTRAP_ROOM,
+                                              SGLANG_DEFAULT_BOOTSTRAP_PORT)
 from ampd_plugin.router_policy.state import Route
-
-SGLANG_DEFAULT_BOOTSTRAP_PORT = 8998
-# Sentinel bootstrap host for "prefill locally on this decode worker". Not a resolvable name, so a
-# decode worker without the ampd plugin fails the request fast (receiver cannot bootstrap) instead of
-# silently computing anything.
-AMPD_LOCAL_BOOTSTRAP_HOST = "ampd.local-prefill.invalid"
-MAX_BOOTSTRAP_ROOM = 2**63 - 1
-BOOTSTRAP_FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
 
 
 @dataclass(frozen=True)
@@ -151,13 +146,6 @@ def bodies_for_route(
             raise ValueError(f"route names unknown prefill worker {route.worker!r} (known: {known})") from None
         return remote_prefill_bodies(body, endpoint, room=room, rng=rng)
     raise ValueError(f"unknown route kind {route.kind!r}; expected 'local' or 'remote'")
-
-
-def is_local_prefill_request(bootstrap_host: Any) -> bool:
-    """True when a decode worker should prefill this request itself (used by the SGLang plugin)."""
-    if isinstance(bootstrap_host, list):
-        return bool(bootstrap_host) and all(h == AMPD_LOCAL_BOOTSTRAP_HOST for h in bootstrap_host)
-    return bootstrap_host == AMPD_LOCAL_BOOTSTRAP_HOST
 
 
 def _checked_room(room: int) -> int:

@@ -28,7 +28,7 @@ BUILTIN_CPU_PROFILE = {
         "net": {"latency_s": 0.005, "bandwidth_bytes_per_s": 1.6e9},
         "nvlink": {"latency_s": 0.005, "bandwidth_bytes_per_s": 1.6e9},
     },
-    "meta": {"source": "ampd_plugin.router_policy.costs builtin default"},
+    "meta": {"source": "ampd_plugin.router.costs builtin default"},
 }
 
 

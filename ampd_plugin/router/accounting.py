@@ -1,0 +1,70 @@
+"""What a finished round leaves behind: measurements for the policy, the KV ledger, metrics, the decision log."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+
+from ampd_plugin import slo
+from ampd_plugin.costmodel import CostModel
+from ampd_plugin.router.config import RouterConfig
+from ampd_plugin.router.context import RoundCtx
+from ampd_plugin.router.ledger import KVLedger
+from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router_policy.registry import PolicyRunner
+from ampd_plugin.router_policy.state import ClusterState
+
+decisions = logging.getLogger("ampd.router.decisions")
+
+
+class RoundAccounting:
+    def __init__(self, cfg: RouterConfig, cluster: ClusterState, policy: PolicyRunner, cost_model: CostModel,
+                 metrics: RouterMetrics, ledger: KVLedger) -> None:
+        self.cfg, self.cluster, self.policy, self.cost_model = cfg, cluster, policy, cost_model
+        self.metrics, self.ledger = metrics, ledger
+
+    def finish(self, ctx: RoundCtx, *, ttft: float | None, t_first: float | None, t_last: float | None,
+               n_out: int, ok: bool) -> None:
+        now = time.monotonic()
+        s, route, plan = ctx.session, ctx.route, ctx.plan
+        tpot = slo.tpot(t_first, t_last, n_out) if (t_first is not None and t_last is not None) else None
+        prefiller = route.worker if route and route.kind == "remote" else ctx.decode
+        if ttft is None and route and route.kind == "remote" and ctx.prefill_done is not None:
+            ttft = ctx.prefill_done - ctx.t0  # non-streaming: the prefill's completion stands in
+        if ok and ttft is not None:
+            self.cluster.record_ttft(prefiller, now, ttft)
+            self.policy.on_metrics(prefiller, "ttft", ttft, now)
+            self.metrics.ttft.labels(prefiller, route.kind if route else "local").observe(ttft)
+        if ok and tpot is not None:
+            self.cluster.record_itl(ctx.decode, now, tpot)
+            self.policy.on_metrics(ctx.decode, "itl", tpot, now)
+            self.metrics.itl.labels(ctx.decode).observe(tpot)
+        if ok and n_out:
+            self.policy.on_metrics(ctx.decode, "output_tokens", float(n_out), now)
+        # what the decode worker now holds for this session
+        self.ledger.settle(s, ctx.decode if ok and s.explicit else None, ctx.prompt_tokens + n_out)
+        s.rounds += 1
+        if not s.explicit:
+            self.cluster.unbind_session(s.session_id)
+        kv_bytes = plan.kv_tokens_moved * int(getattr(self.cost_model, "kv_bytes_per_token", 0) or 0) if plan else 0
+        if kv_bytes and ok:
+            self.metrics.kv_bytes.labels(plan.name).inc(kv_bytes)
+        self.metrics.rounds.labels("true" if ctx.task and ctx.task.round_index == 0 else "false").inc()
+        if route:
+            self.metrics.routes.labels(route.kind, route.worker, route.reason or plan.name).inc()
+        if not ok:
+            self.metrics.errors.labels("round_failed").inc()
+        if self.cfg.decision_log:
+            decisions.info(orjson.dumps({
+                "event": "round", "session": s.session_id, "round": ctx.task.round_index if ctx.task else None,
+                "plan": plan.name if plan else None, "route": route.kind if route else None,
+                "worker": route.worker if route else None, "decode": ctx.decode,
+                "reason": route.reason if route else None, "fallback": ctx.fallback or None,
+                "l_hist": ctx.task.l_hist if ctx.task else None, "l_incr": ctx.task.l_incr if ctx.task else None,
+                "queue_wait_ms": round(ctx.queue_wait * 1e3, 3),
+                "ttft_ms": round(ttft * 1e3, 3) if ttft is not None else None,
+                "tpot_ms": round(tpot * 1e3, 3) if tpot is not None else None,
+                "out_tokens": n_out, "ok": ok,
+            }).decode())

@@ -1,0 +1,54 @@
+"""What the router knows about one round while it runs (`RoundCtx`), shared by every piece of a round."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ampd_plugin.connector import params as wire
+from ampd_plugin.router import primitives as prim
+from ampd_plugin.router.sessions import Session
+from ampd_plugin.router_policy.state import PrefillTask, Route
+
+
+@dataclass
+class RoundCtx:
+    """Everything known about one round while it runs."""
+
+    session: Session
+    chat: bool
+    body: dict
+    stream: bool
+    prompt: str | list[int]
+    prompt_tokens: int
+    t0: float
+    request_id: str
+    task: PrefillTask | None = None
+    route: Route | None = None
+    plan: prim.Plan | None = None
+    decode: str = ""
+    queue_wait: float = 0.0
+    released: bool = False  # the round's prefill slot went back to its queue
+    fallback: str = ""
+    token_ids: list[int] | None = None
+    xfer: str | None = None  # this attempt's KV transfer id, made when a step first needs one
+    prefill_done: float | None = None  # when the remote prefill answered (a non-streaming round's TTFT)
+    relay_started: bool = False  # a streaming relay owns the session's busy flag from here on
+
+    def new_attempt(self) -> None:
+        """A retry is a new transfer with a new prefill."""
+        self.xfer = None
+        self.prefill_done = None
+
+    def xfer_id(self) -> str:
+        if self.xfer is None:
+            self.xfer = wire.new_xfer_id()
+        return self.xfer
+
+    @property
+    def session_param(self) -> str | None:
+        """The session id the engines key their KV holds by (anonymous one-round sessions have none)."""
+        return self.session.session_id if self.session.explicit else None
+
+    @property
+    def generate_path(self) -> str:
+        return "/v1/chat/completions" if self.chat else "/v1/completions"

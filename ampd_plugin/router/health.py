@@ -1,0 +1,53 @@
+"""Which workers are alive: health-check results applied to the cluster, and what a dead worker costs."""
+
+from __future__ import annotations
+
+import logging
+
+from ampd_plugin.router.ledger import KVLedger
+from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.queues import PrefillQueues
+from ampd_plugin.router.sessions import SessionStore
+from ampd_plugin.router.upstream import Endpoint, WorkerDown
+from ampd_plugin.router_policy.state import ClusterState
+
+log = logging.getLogger("ampd.router")
+
+
+class WorkerHealth:
+    def __init__(self, eps: dict[str, Endpoint], cluster: ClusterState, metrics: RouterMetrics,
+                 queues: PrefillQueues, ledger: KVLedger, sessions: SessionStore) -> None:
+        self.eps, self.cluster, self.metrics = eps, cluster, metrics
+        self.queues, self.ledger, self.sessions = queues, ledger, sessions
+
+    def tick(self, result: dict[str, bool]) -> None:
+        """One health round: apply it, and forget sessions idle past their TTL."""
+        self.apply(result)
+        for s in self.sessions.expire():
+            self.ledger.forget(s)
+        self.metrics.sessions.set(len(self.sessions))
+
+    def apply(self, result: dict[str, bool]) -> None:
+        for wid, ok in result.items():
+            w = self.cluster.worker(wid)
+            if ok and not w.alive:
+                log.warning("worker %s (%s) is healthy again", wid, self.eps[wid].url)
+                w.alive = True
+                self.metrics.worker_up.labels(wid, w.kind).set(1)
+            elif not ok and w.alive:
+                self.mark_dead(wid, "health check failed")
+
+    def mark_dead(self, wid: str, why: str) -> None:
+        """Take a worker out of routing; its sessions lose their history and will be rebound."""
+        w = self.cluster.worker(wid)
+        if not w.alive:
+            return
+        log.warning("worker %s (%s) is down: %s", wid, self.eps[wid].url, why)
+        w.alive = False
+        self.metrics.worker_up.labels(wid, w.kind).set(0)
+        self.metrics.errors.labels("worker_down").inc()
+        if w.kind == "decode":
+            lost = self.ledger.worker_lost(wid)
+            if lost:
+                self.metrics.rebinds.labels("worker_down").inc(len(lost))
+        self.queues.fail_all(wid, WorkerDown(wid, why))

@@ -1,0 +1,159 @@
+"""Relaying a decode worker's stream to the client: token timing, and the client's disconnect.
+
+The relay path is aiohttp + uvloop + httptools, bytes relayed as they arrive; per chunk the router only
+scans for SSE event boundaries (no JSON parsing), so its own cost stays well under a millisecond.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+import aiohttp
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from ampd_plugin.router.context import RoundCtx
+from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router_policy.state import WorkerState
+
+log = logging.getLogger("ampd.router")
+
+_COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+
+# finish(ctx, ttft=, t_first=, t_last=, n_out=, ok=): the round's accounting (`RoundAccounting.finish`).
+Finish = Callable[..., None]
+
+
+class Relay:
+    """Relays one upstream SSE stream; times the first token and the gaps from event boundaries.
+
+    Per chunk it only looks for event boundaries (no JSON parsing). `close()` is idempotent and runs
+    the round's accounting exactly once, whether the stream ended, broke, or the client left.
+    """
+
+    def __init__(self, ctx: RoundCtx, resp: aiohttp.ClientResponse, d: WorkerState, *,
+                 release: Callable[[RoundCtx], None], finish: Finish, metrics: RouterMetrics) -> None:
+        self.ctx, self.resp, self.d = ctx, resp, d
+        self._release, self._finish, self._metrics = release, finish, metrics
+        self.n_out = 0
+        self.t_first: float | None = None
+        self.t_last: float | None = None
+        self.ok = False
+        self.closed = False
+        self.usage_tokens: int | None = None
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        buf = b""
+        try:
+            async for chunk in self.resp.content.iter_any():
+                buf += chunk
+                if b"\n\n" in buf:
+                    now = time.monotonic()
+                    events = buf.split(b"\n\n")
+                    buf = events.pop()
+                    for ev in events:
+                        if b'"completion_tokens":' in ev:  # a usage chunk (client asked include_usage): exact count
+                            m = _COMPLETION_TOKENS.search(ev)
+                            if m:
+                                self.usage_tokens = int(m.group(1))
+                        if is_token_event(ev):
+                            self.n_out += 1
+                            self.t_last = now
+                            if self.t_first is None:
+                                self.t_first = now
+                                self._release(self.ctx)  # the prefill is over: next task may start
+                yield chunk
+            self.ok = True
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            self._metrics.errors.labels("stream_broken").inc()
+            log.warning("stream from %s broke: %s", self.d.worker_id, exc)
+            yield (b'data: {"error": {"message": "upstream stream broke", "type": "upstream_error", '
+                   b'"code": "stream_broken"}}\n\n')
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self.ok:
+            self.resp.release()
+        else:
+            self.resp.close()  # dropping the connection makes the engine abort the request
+        self.d.decoding -= 1
+        ctx = self.ctx
+        self._release(ctx)
+        ctx.session.busy = False
+        ttft = (self.t_first - ctx.t0) if self.t_first is not None else None
+        # Token events undercount slightly (a token that decodes to "" sends an empty delta); the usage
+        # chunk, when present, is exact.
+        n_out = self.usage_tokens if self.usage_tokens is not None else self.n_out
+        self._finish(ctx, ttft=ttft, t_first=self.t_first, t_last=self.t_last, n_out=n_out, ok=self.ok)
+
+
+class RelayResponse(Response):
+    """A streaming response that notices a client disconnect and then stops (closing the upstream).
+
+    uvicorn silently drops writes after a disconnect, so a plain StreamingResponse would keep reading
+    the engine's stream to the end; here the body is raced against `http.disconnect`.
+    """
+
+    def __init__(self, relay: Relay, headers: dict[str, str], media_type: str) -> None:
+        self.relay = relay
+        self.status_code = 200
+        self.media_type = media_type
+        self.background = None
+        self.init_headers(headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def pump() -> None:
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+            async for chunk in self.relay:
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+        try:
+            await race_disconnect(receive, pump())
+        finally:
+            self.relay.close()
+
+
+async def race_disconnect(receive: Receive, work: Awaitable) -> tuple[Any, bool]:
+    """Run `work` until done or until the client disconnects (then cancel it); returns (result, disconnected).
+
+    The work runs in the calling task; one watcher task cancels it on `http.disconnect`.
+    """
+    current = asyncio.current_task()
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                disconnected = True
+                current.cancel()
+                return
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await work, False
+    except asyncio.CancelledError:
+        if not disconnected:
+            raise
+        if hasattr(current, "uncancel"):  # Python ≥ 3.11
+            current.uncancel()
+        return None, True
+    finally:
+        watcher.cancel()
+
+
+def is_token_event(ev: bytes) -> bool:
+    """A `data:` event carrying generated text (not the role header, usage-only chunk or [DONE])."""
+    i = ev.find(b'"content":"')
+    if i >= 0 and ev[i + 11 : i + 12] != b'"':
+        return True
+    i = ev.find(b'"text":"')
+    return i >= 0 and ev[i + 8 : i + 9] != b'"'

@@ -1,0 +1,107 @@
+"""The engine-facing primitives a round executor is written in: send, exchange, generate, relay, release.
+
+`RoundExecutor`s (`vllm_exec`, `sglang_exec`) express a round as a few calls on this object and never
+reach into the router: queue slots are freed with `release`, every engine request goes through the one
+upstream helper (`Upstreams`), and the decode worker's answer reaches the client through `relay`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Awaitable
+
+import aiohttp
+import orjson
+from starlette.responses import Response
+
+from ampd_plugin.costmodel import CostModel
+from ampd_plugin.router import primitives as prim
+from ampd_plugin.router.accounting import RoundAccounting
+from ampd_plugin.router.context import RoundCtx
+from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.queues import PrefillQueues
+from ampd_plugin.router.relay import Relay, RelayResponse
+from ampd_plugin.router.upstream import Endpoint, UpstreamTimeout, Upstreams, WorkerDown
+from ampd_plugin.router_policy.state import ClusterState
+
+_JSON = "application/json"
+
+
+class RoundIO:
+    def __init__(self, eps: dict[str, Endpoint], upstreams: Upstreams, cluster: ClusterState, queues: PrefillQueues,
+                 metrics: RouterMetrics, accounting: RoundAccounting, cost_model: CostModel) -> None:
+        self.eps, self.upstreams, self.cluster, self.queues = eps, upstreams, cluster, queues
+        self.metrics, self.accounting, self.cost_model = metrics, accounting, cost_model
+
+    def url(self, worker_id: str) -> str:
+        return self.eps[worker_id].url
+
+    def headers(self, ctx: RoundCtx) -> dict[str, str]:
+        return {"Content-Type": _JSON, "X-Request-Id": ctx.request_id}
+
+    def release(self, ctx: RoundCtx) -> None:
+        """Free the round's prefill slot (once) so the policy's next queued task may start."""
+        if not ctx.released and ctx.plan is not None and ctx.task is not None:
+            ctx.released = True
+            self.queues.release(ctx.plan.queue_worker, ctx.task)
+
+    async def exchange(self, ctx: RoundCtx, worker_id: str, path: str, body: dict,
+                       what: str = "response") -> tuple[int, bytes]:
+        """A sub-request whose whole answer the router reads (a prefill): (status, body)."""
+        return await self.upstreams.exchange(worker_id, path, orjson.dumps(body), self.headers(ctx), what)
+
+    def post_generate(self, ctx: RoundCtx, step: prim.Step, body: dict) -> Awaitable[aiohttp.ClientResponse]:
+        """POST the client-facing request to the decode worker (its answer is relayed with `relay`)."""
+        return self.upstreams.post(step.worker, ctx.generate_path, orjson.dumps(body), self.headers(ctx))
+
+    async def generate(self, ctx: RoundCtx, step: prim.Step, body: dict) -> Response:
+        """POST the client-facing request to the decode worker and relay its answer (any engine's wire)."""
+        return await self.relay(ctx, step, self.post_generate(ctx, step, body))
+
+    async def relay(self, ctx: RoundCtx, step: prim.Step, response: Awaitable[aiohttp.ClientResponse]) -> Response:
+        """Wait for the decode worker's response headers, then relay its body and account for the round."""
+        d = self.cluster.decode[step.worker]
+        resp = await response
+        headers = {"x-ampd-route": ctx.plan.name, "x-ampd-worker": ctx.route.worker if ctx.route else step.worker,
+                   "x-ampd-decode": step.worker}
+        if resp.status != 200:
+            data = await resp.read()
+            resp.release()
+            self.release(ctx)
+            self.metrics.errors.labels(f"upstream_{resp.status}").inc()
+            return Response(data, status_code=resp.status, media_type=resp.content_type or _JSON, headers=headers)
+        d.decoding += 1
+        if ctx.stream:
+            ctx.relay_started = True
+            relay = Relay(ctx, resp, d, release=self.release, finish=self.accounting.finish, metrics=self.metrics)
+            return RelayResponse(relay, headers=headers, media_type=resp.headers.get("content-type", "text/event-stream"))
+        timer = None
+        if not ctx.released and ctx.plan.queue_worker == step.worker:
+            # Non-streaming: the first token is invisible, so free the prefill slot when the cost model
+            # says the prefill is done (or at the response, whichever comes first).
+            timer = asyncio.get_running_loop().call_later(self._predicted_prefill(ctx), self.release, ctx)
+        try:
+            data = await self.upstreams.read_body(step.worker, resp)
+        except (UpstreamTimeout, WorkerDown):
+            d.decoding -= 1
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        t_done = time.monotonic()
+        d.decoding -= 1
+        self.release(ctx)
+        out = 0
+        with contextlib.suppress(Exception):
+            out = int(orjson.loads(data)["usage"]["completion_tokens"])
+        self.accounting.finish(ctx, ttft=None, t_first=None, t_last=t_done, n_out=out, ok=True)
+        return Response(data, media_type=_JSON, headers=headers)
+
+    def _predicted_prefill(self, ctx: RoundCtx) -> float:
+        try:
+            w = self.cluster.worker(ctx.plan.queue_worker)
+            return max(0.0, float(self.cost_model.t_pre(ctx.task.l_hist, ctx.task.l_incr, w.layout)))
+        except Exception:
+            return 0.0

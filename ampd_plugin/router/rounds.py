@@ -1,0 +1,116 @@
+"""One round from the client's request to the executor: session, prompt count, binding, plan, queue, retries.
+
+Per round: identify the session, count the prompt (incrementally), bind the session to a decode worker
+(policy.bind_session), pick a route (policy.route_prefill), turn it into sub-request steps
+(`primitives`), wait for the chosen worker's prefill capacity in the router-held queue ordered by the
+policy (`queues`), and hand the round to the `RoundExecutor`. Faults re-route instead of failing the
+session: a dead decode worker's sessions are rebound and their next round is a full prefill elsewhere;
+a dead prefill worker's work goes elsewhere or local.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping
+
+from starlette.responses import Response
+
+from ampd_plugin.router import primitives as prim
+from ampd_plugin.router.accounting import RoundAccounting
+from ampd_plugin.router.config import RouterConfig
+from ampd_plugin.router.context import RoundCtx
+from ampd_plugin.router.errors import RouterError, bad_request
+from ampd_plugin.router.executor import RoundExecutor
+from ampd_plugin.router.health import WorkerHealth
+from ampd_plugin.router.planning import RoundPlanner
+from ampd_plugin.router.queues import PrefillQueues
+from ampd_plugin.router.round_io import RoundIO
+from ampd_plugin.router.sessions import PromptCounter, SessionStore, session_identity
+from ampd_plugin.router.upstream import UpstreamTimeout, WorkerDown
+from ampd_plugin.router_policy.state import ClusterState, PrefillTask
+
+_MAX_ATTEMPTS = 3  # a round survives up to two dead workers before the client sees an error
+_INLINE_TOKENIZE_CHARS = 8192  # longer new text is tokenized in a thread so relays keep flowing
+_request_ids = itertools.count()
+
+
+class RoundRunner:
+    def __init__(self, cfg: RouterConfig, cluster: ClusterState, sessions: SessionStore, queues: PrefillQueues,
+                 planner: RoundPlanner, executor: RoundExecutor, io: RoundIO, accounting: RoundAccounting,
+                 health: WorkerHealth, counter: PromptCounter | None = None) -> None:
+        self.cfg, self.cluster, self.sessions, self.queues = cfg, cluster, sessions, queues
+        self.planner, self.executor, self.io, self.accounting, self.health = planner, executor, io, accounting, health
+        self.counter = counter  # loaded at start-up when not given
+        # One thread: HF fast tokenizers must not be called concurrently (their Rust object is borrowed).
+        self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-tokenize")
+
+    def close(self) -> None:
+        self._tokenize_pool.shutdown(wait=False)
+
+    async def run(self, headers: Mapping[str, str], body: dict, chat: bool, t0: float) -> Response:
+        sid, explicit = session_identity(headers, body)
+        body.pop("session_id", None)
+        body.pop("kv_transfer_params", None)  # transfers are the router's business, never the client's
+        session = self.sessions.get(sid, explicit)
+        counter = self.counter or PromptCounter(None)
+        prompt = counter.render(body, chat)
+        extends = isinstance(prompt, str) and bool(session.last_text) and prompt.startswith(session.last_text)
+        new_chars = len(prompt) - (len(session.last_text) if extends else 0) if isinstance(prompt, str) else 0
+        if new_chars > _INLINE_TOKENIZE_CHARS:  # long text: tokenize off the event loop (Rust releases the GIL)
+            n = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, counter.count, prompt, session)
+        else:
+            n = counter.count(prompt, session)
+        if n <= 0:
+            raise bad_request("the prompt is empty", "empty_prompt", "messages" if chat else "prompt")
+        limit = self.cfg.max_prompt_tokens
+        if limit and n >= limit:
+            raise bad_request(f"the prompt has {n} tokens; this model's context is {limit}",
+                              "context_length_exceeded", "messages" if chat else "prompt")
+        if not extends and session.resident_tokens:
+            session.resident_tokens = 0  # the client rewrote history: what the worker holds is not a prefix
+        ctx = RoundCtx(session, chat, body, body.get("stream") is True, prompt, n, t0,
+                       headers.get("x-request-id") or f"ampd-{next(_request_ids)}")
+        session.busy = True
+        try:
+            for attempt in range(_MAX_ATTEMPTS):
+                try:
+                    return await self._attempt(ctx)
+                except WorkerDown as exc:
+                    self.health.mark_dead(exc.worker_id, exc.detail)
+                    self.io.release(ctx)
+                    ctx.fallback = f"retry-after-{exc.worker_id}-down"
+                    if attempt == _MAX_ATTEMPTS - 1 or not self.cluster.live_decode():
+                        raise RouterError(503, "no live engine could serve the request", "no_worker") from None
+                except UpstreamTimeout as exc:
+                    self.io.release(ctx)
+                    self.accounting.finish(ctx, ttft=None, t_first=None, t_last=None, n_out=0, ok=False)
+                    raise RouterError(504, f"the engine ({exc.worker_id}) did not answer in time", "upstream_timeout") from None
+            raise AssertionError("unreachable")
+        finally:
+            if not ctx.stream or not ctx.relay_started:
+                session.busy = False
+
+    async def _attempt(self, ctx: RoundCtx) -> Response:
+        ctx.new_attempt()
+        now = time.monotonic()
+        self.cluster.now = now
+        s = ctx.session
+        decode = self.cluster.bindings.get(s.session_id)
+        if decode is None or not self.cluster.decode[decode].alive:
+            decode = self.planner.bind(s, ctx.prompt_tokens, "first-round" if s.rounds == 0 else "rebind")
+        l_hist = min(s.resident_tokens, ctx.prompt_tokens - 1) if s.resident_worker == decode else 0
+        task = PrefillTask(s.session_id, s.rounds, max(0, l_hist), ctx.prompt_tokens - max(0, l_hist), now, decode)
+        ctx.task, ctx.decode, ctx.released = task, decode, False
+        shape = prim.RoundShape(decode, ctx.prompt_tokens, task.l_hist)
+        ctx.plan, ctx.route = self.planner.plan(ctx, task, shape, self.counter or PromptCounter(None))
+        await self.queues.acquire(ctx.plan.queue_worker, task)
+        task.started_at = time.monotonic()
+        ctx.queue_wait = task.started_at - now
+        try:
+            return await self.executor.execute(ctx)
+        except BaseException:
+            self.io.release(ctx)
+            raise

@@ -1,0 +1,214 @@
+"""The live router: an OpenAI-compatible front door that drives a routing policy against real engines.
+
+`Router` only assembles the pieces and serves HTTP: `intake` checks what a client sends, `rounds` runs a
+round (session, count, bind, plan, queue, retry), an `executor` turns the plan into engine requests on
+`round_io`'s primitives, `relay` streams the answer back, `accounting` records what the round measured,
+`health` keeps the workers' liveness, and `ledger` tracks which worker holds which session's KV.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import logging
+import os
+import time
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as HttpRoute
+
+from ampd_plugin.costmodel import CostModel, Layout
+from ampd_plugin.router import intake
+from ampd_plugin.router.accounting import RoundAccounting
+from ampd_plugin.router.config import RouterConfig
+from ampd_plugin.router.errors import RouterError
+from ampd_plugin.router.executor import make_executor
+from ampd_plugin.router.health import WorkerHealth
+from ampd_plugin.router.ledger import KVLedger
+from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.planning import RoundPlanner
+from ampd_plugin.router.queues import PrefillQueues
+from ampd_plugin.router.relay import race_disconnect
+from ampd_plugin.router.round_io import RoundIO
+from ampd_plugin.router.rounds import RoundRunner
+from ampd_plugin.router.sessions import PromptCounter, SessionStore
+from ampd_plugin.router.upstream import Upstreams, endpoints
+from ampd_plugin.router_policy.registry import PolicyRunner
+from ampd_plugin.router_policy.state import ClusterState, PrefillTask, WorkerState
+
+log = logging.getLogger("ampd.router")
+
+
+class Router:
+    def __init__(self, cfg: RouterConfig, policy: PolicyRunner, cost_model: CostModel,
+                 counter: PromptCounter | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.policy = policy
+        self.cost_model = cost_model
+        self.metrics = RouterMetrics()
+        self.eps = endpoints(cfg.prefill, cfg.decode)
+        self.upstreams = Upstreams(
+            self.eps,
+            connect_timeout_s=cfg.connect_timeout_s,
+            total_timeout_s=cfg.upstream_timeout_s,
+            read_timeout_s=cfg.read_timeout_s,
+            health_timeout_s=cfg.health_timeout_s,
+        )
+        self.cluster = ClusterState()
+        capacity = cfg.decode_kv_tokens or self._capacity()
+        for ep in self.eps.values():
+            w = WorkerState(ep.worker_id, ep.kind, Layout(), window_s=policy.window_s)
+            if ep.kind == "decode":
+                w.kv_capacity_tokens = capacity
+            self.cluster.add_worker(w)
+            self.metrics.worker_up.labels(ep.worker_id, ep.kind).set(1)
+        self.sessions = SessionStore(cfg.session_ttl_s)
+        self.queues = PrefillQueues(self.cluster, self._order, self._slots, self._on_queue)
+        self.ledger = KVLedger(self.cluster, self.sessions)
+        self.health_state = WorkerHealth(self.eps, self.cluster, self.metrics, self.queues, self.ledger, self.sessions)
+        self.accounting = RoundAccounting(cfg, self.cluster, policy, cost_model, self.metrics, self.ledger)
+        self.io = RoundIO(self.eps, self.upstreams, self.cluster, self.queues, self.metrics, self.accounting, cost_model)
+        self.model_card: dict | None = {"id": cfg.model, "object": "model"} if cfg.model else None
+        # The round executor is chosen once, from the engine the workers run.
+        executor = make_executor(cfg, self.io, model=lambda: (self.model_card or {}).get("id"))
+        self.rounds = RoundRunner(cfg, self.cluster, self.sessions, self.queues, RoundPlanner(cfg, self.cluster, policy, self.metrics),
+                                  executor, self.io, self.accounting, self.health_state, counter)
+        self._bg: list[asyncio.Task] = []
+        self.app = Starlette(
+            routes=[
+                HttpRoute("/v1/chat/completions", self.chat_completions, methods=["POST"]),
+                HttpRoute("/v1/completions", self.completions, methods=["POST"]),
+                HttpRoute("/v1/models", self.models, methods=["GET"]),
+                HttpRoute("/health", self.health, methods=["GET"]),
+                HttpRoute("/metrics", self.metrics_endpoint, methods=["GET"]),
+            ],
+            lifespan=self._lifespan,
+            exception_handlers={404: self._not_found, 405: self._not_allowed},
+        )
+
+    @property
+    def counter(self) -> PromptCounter | None:
+        return self.rounds.counter
+
+    # ------------------------------------------------------------------------------ lifecycle
+    @contextlib.asynccontextmanager
+    async def _lifespan(self, app: Starlette):
+        await self.start()
+        try:
+            yield
+        finally:
+            await self.stop()
+
+    async def start(self) -> None:
+        await self.upstreams.start()
+        self.health_state.apply(await self.upstreams.check_all())
+        card = await self.upstreams.discover_model()
+        if card:
+            self.model_card = {**card, "id": self.cfg.model or card.get("id")}
+        if self.rounds.counter is None:
+            self.rounds.counter = PromptCounter.load(self.cfg.tokenizer or _local_dir((card or {}).get("root")))
+        if self.cfg.max_prompt_tokens is None and card and isinstance(card.get("max_model_len"), int):
+            self.cfg.max_prompt_tokens = card["max_model_len"]
+        self._bg.append(asyncio.create_task(self.upstreams.health_loop(self.cfg.health_interval_s, self.health_state.tick)))
+        # Everything loaded so far (tokenizer, libraries) lives for the whole run: keep it out of the
+        # garbage collector's scans so a full collection never pauses the relay.
+        gc.collect()
+        gc.freeze()
+        log.info("router ready: policy=%s connector=%s prefill=%s decode=%s model=%s",
+                 getattr(self.policy, "name", self.policy), self.cfg.kv_connector,
+                 [e.url for e in self.eps.values() if e.kind == "prefill"],
+                 [e.url for e in self.eps.values() if e.kind == "decode"],
+                 (self.model_card or {}).get("id"))
+
+    async def stop(self) -> None:
+        for t in self._bg:
+            t.cancel()
+        for t in self._bg:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._bg.clear()
+        await self.upstreams.close()
+        self.rounds.close()
+
+    def _capacity(self) -> int:
+        try:
+            return int(self.cost_model.kv_capacity_tokens(Layout()))
+        except Exception:
+            return 0
+
+    # ------------------------------------------------------------------------------ queues
+    def _order(self, worker: WorkerState, now: float) -> list[PrefillTask] | None:
+        try:
+            return self.policy.order_queue(worker, now)
+        except Exception as exc:  # a policy bug degrades to FIFO, never a stuck queue
+            self.metrics.errors.labels("policy").inc()
+            log.error("order_queue failed on %s: %s", worker.worker_id, exc)
+            return None
+
+    def _slots(self, wid: str) -> int:
+        return self.cfg.prefill_slots if wid in self.cluster.prefill else self.cfg.local_prefill_slots
+
+    def _on_queue(self, wid: str, qlen: int, reordered: bool) -> None:
+        self.metrics.queue_len.labels(wid).set(qlen)
+        if reordered:
+            self.metrics.reorders.labels(wid).inc()
+
+    # ------------------------------------------------------------------------------ endpoints
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=True)
+
+    async def completions(self, request: Request) -> Response:
+        return await self._serve(request, chat=False)
+
+    async def models(self, request: Request) -> Response:
+        try:
+            intake.authorize(request, self.cfg.api_key)
+        except RouterError as e:
+            return e.response()
+        data = [self.model_card] if self.model_card and self.model_card.get("id") else []
+        return JSONResponse({"object": "list", "data": data})
+
+    async def health(self, request: Request) -> Response:
+        workers = {wid: {"kind": ep.kind, "url": ep.url, "alive": self.cluster.worker(wid).alive,
+                         "queue": len(self.cluster.worker(wid).queue)} for wid, ep in self.eps.items()}
+        ok = bool(self.cluster.live_decode())
+        return JSONResponse({"status": "ok" if ok else "unavailable", "workers": workers}, status_code=200 if ok else 503)
+
+    async def metrics_endpoint(self, request: Request) -> Response:
+        return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    async def _not_found(self, request: Request, exc: Exception) -> Response:
+        return RouterError(404, f"no route {request.url.path}", "not_found").response()
+
+    async def _not_allowed(self, request: Request, exc: Exception) -> Response:
+        return RouterError(405, f"method {request.method} not allowed on {request.url.path}", "method_not_allowed").response()
+
+    async def _serve(self, request: Request, chat: bool) -> Response:
+        endpoint = "chat" if chat else "completions"
+        t0 = time.monotonic()
+        try:
+            intake.authorize(request, self.cfg.api_key)
+            body = await intake.read_json(request, self.cfg.max_body_bytes)
+            intake.validate(body, chat, (self.model_card or {}).get("id"))
+            response, disconnected = await race_disconnect(request.receive, self.rounds.run(request.headers, body, chat, t0))
+            if disconnected:
+                self.metrics.errors.labels("client_disconnect").inc()
+                response = RouterError(499, "client closed the request", "client_disconnect").response()
+        except RouterError as e:
+            self.metrics.errors.labels(e.kind).inc()
+            response = e.response()
+        except Exception:  # never crash on input; the traceback goes to the log, not the client
+            log.exception("internal error")
+            self.metrics.errors.labels("internal").inc()
+            response = RouterError(500, "internal router error", "internal").response()
+        self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+
+def _local_dir(path: Any) -> str | None:
+    return path if isinstance(path, str) and os.path.isdir(path) else None
