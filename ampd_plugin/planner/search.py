@@ -37,7 +37,6 @@ from ampd_plugin.planner.placement import Placement, place
 
 GPU_TIE_BREAK = 1e-4  # prefer fewer GPUs only between equally good bottlenecks
 POOL_BALANCE = 1e-3  # weight of the per-pool bottlenecks: keeps the non-critical pool out of saturation
-POLICIES_WITH_PREFILL_POOL = ("ampd", "disagg", "threshold")
 
 
 class PlanInfeasible(ValueError):

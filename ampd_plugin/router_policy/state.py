@@ -114,10 +114,6 @@ class WorkerState:
     def kv_free_tokens(self) -> int:
         return max(0, self.kv_capacity_tokens - self.kv_used_tokens)
 
-    def pending(self) -> list[PrefillTask]:
-        """The running task (if any) followed by the queue: all work ahead of a new arrival."""
-        return ([self.running] if self.running else []) + self.queue
-
 
 @dataclass
 class SessionInfo:
@@ -144,9 +140,6 @@ class ClusterState:
 
     def worker(self, worker_id: str) -> WorkerState:
         return self.prefill.get(worker_id) or self.decode[worker_id]
-
-    def live_prefill(self) -> list[WorkerState]:
-        return [w for w in self.prefill.values() if w.alive]
 
     def live_decode(self) -> list[WorkerState]:
         return [w for w in self.decode.values() if w.alive]
