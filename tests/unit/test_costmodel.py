@@ -1,4 +1,4 @@
-"""Cost model against hand-computed values (formulas in ampd_plugin/costmodel.py's docstring)."""
+"""Cost model against hand-computed values (formulas in ampd_plugin/costmodel/roofline.py's docstring)."""
 
 from __future__ import annotations
 
