@@ -114,7 +114,7 @@ class SGLangExecutor:
     def _prefill_finished_late(self, task: asyncio.Task) -> None:
         self._background.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            self.routeio.metrics.errors.labels("prefill_failed").inc()
+            self.io.metrics.errors.labels("prefill_failed").inc()
             log.warning("prefill failed after the decode worker answered: %s", task.exception())
 
 

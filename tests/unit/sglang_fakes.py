@@ -45,6 +45,7 @@ class FakeSGLangPrefill(FakeEngine):
     bootstrap_port: int = 8998
     arrivals: list[float] = field(default_factory=list)
     finished: list[float] = field(default_factory=list)
+    late_failure_s: float | None = None  # bootstrap the room, then fail this long after (decode already answering)
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -53,6 +54,10 @@ class FakeSGLangPrefill(FakeEngine):
             return _error(400, "prefill request without bootstrap fields")
         if body["bootstrap_port"] == self.bootstrap_port and body["bootstrap_host"] == "127.0.0.1":
             self.bootstrap.register(body["bootstrap_room"], "127.0.0.1", self.bootstrap_port)
+        if self.late_failure_s is not None:
+            await asyncio.sleep(self.late_failure_s)
+            self.finished.append(time.monotonic())
+            return _error(500, "prefill failed after the transfer began")
         try:
             return await super()._answer(request)
         finally:

@@ -1,13 +1,15 @@
 """The router with `--engine sglang` against in-process fake SGLang workers (no real SGLang can run here)."""
 
+import asyncio
+
 import pytest
 from click.testing import CliRunner
 from router_fakes import answer_tokens, prompt_key, run
 from sglang_fakes import SGLangHarness
 
+from ampd_plugin.connector.sglang.wire import AMPD_LOCAL_BOOTSTRAP_HOST
 from ampd_plugin.router.cli import route
 from ampd_plugin.router.config import RouterConfig
-from ampd_plugin.connector.sglang.wire import AMPD_LOCAL_BOOTSTRAP_HOST
 
 USER = [{"role": "user", "content": "hello there, tell me a story"}]
 FIELDS = ("bootstrap_host", "bootstrap_port", "bootstrap_room")
@@ -107,6 +109,25 @@ def test_prefill_error_aborts_the_decode_wait_and_computes_locally():
     status, out, d = run(main())
     assert status == 200 and out["choices"][0]["message"]["content"] == expected(USER)
     assert d.requests[-1]["bootstrap_host"] == AMPD_LOCAL_BOOTSTRAP_HOST
+
+
+def test_prefill_failing_after_the_decode_answered_is_counted_and_the_stream_completes():
+    async def main():
+        async with SGLangHarness(policy="disagg") as h:
+            h.prefill[0].late_failure_s = 0.2
+            h.decode[0].token_delay = 0.06  # the stream is still running when the prefill fails
+            status, text, headers = await h.chat(USER, session="s", stream=True)
+            for _ in range(100):  # the prefill's failure arrives after the relay began
+                if h.prefill[0].finished:
+                    break
+                await asyncio.sleep(0.02)
+            await asyncio.sleep(0.05)
+            return status, text, headers, h.decode[0], h.prefill[0], await h.metrics_text()
+
+    status, text, headers, d, p, metrics = run(main())
+    assert status == 200 and text == expected(USER) and headers["x-ampd-route"] == "remote"
+    assert p.finished and d.arrivals[0] < p.finished[0]
+    assert 'ampd_router_errors_total{kind="prefill_failed"} 1.0' in metrics
 
 
 def test_config_validation_and_ports():
