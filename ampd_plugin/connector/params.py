@@ -144,11 +144,15 @@ class SourceDescriptor:
     block_bytes: int     # bytes of one block in one layer (must equal the reader's)
     bases: tuple[int, ...]  # per-layer base address of the holder's KV memory, in layer order
     fingerprint: str | None = None  # prompt_fingerprint() of the first `tokens` token ids (optional)
+    expires: float | None = None    # holder's wall clock (epoch s) when its lease on `blocks` lapses unless renewed
+    lease_s: float | None = None    # how far one "renew" notice extends the lease
+    sig: str | None = None          # HMAC of the other fields with the cluster secret (auth.py)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if self.fingerprint is None:
-            del d["fingerprint"]
+        for name in _OPTIONAL_SOURCE_FIELDS:
+            if d[name] is None:
+                del d[name]
         d["blocks"] = list(self.blocks)
         d["bases"] = list(self.bases)
         return d
@@ -157,7 +161,7 @@ class SourceDescriptor:
     def from_dict(cls, d: Any, where: str = "source") -> "SourceDescriptor":
         if not isinstance(d, Mapping):
             raise ParamsError(f"{where} must be an object, got {type(d).__name__}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name != "fingerprint"]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in _OPTIONAL_SOURCE_FIELDS]
         if missing:
             raise ParamsError(f"{where} lacks {', '.join(missing)}")
         for name in ("engine", "te", "notify", "xfer"):
@@ -179,9 +183,19 @@ class SourceDescriptor:
         fingerprint = d.get("fingerprint")
         if fingerprint is not None and not isinstance(fingerprint, str):
             raise ParamsError(f"{where}.fingerprint must be a string")
+        sig = d.get("sig")
+        if sig is not None and not isinstance(sig, str):
+            raise ParamsError(f"{where}.sig must be a string")
+        expires, lease_s = (_opt_number(d.get(k), f"{where}.{k}") for k in ("expires", "lease_s"))
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ParamsError(f"{where}: unknown field(s) {sorted(unknown)}")
         return cls(engine=d["engine"], te=d["te"], notify=d["notify"], xfer=d["xfer"], blocks=tuple(blocks),
                    tokens=tokens, block_size=block_size, block_bytes=block_bytes, bases=tuple(bases),
-                   fingerprint=fingerprint)
+                   fingerprint=fingerprint, expires=expires, lease_s=lease_s, sig=sig)
+
+
+_OPTIONAL_SOURCE_FIELDS = ("fingerprint", "expires", "lease_s", "sig")
 
 
 def prompt_fingerprint(token_ids) -> str:
@@ -219,6 +233,7 @@ class AMPDParams:
       source [source]    a ``SourceDescriptor`` (decode after remote prefill: from P's response).
       retain [retain]    decode/local: keep this request's blocks after it finishes (default: when a session is
                          given). ``False`` also releases the session's earlier pins — send it on the last round.
+      auth [auth]        export (internal): proof that the calling engine holds the cluster secret.
     """
 
     role: str
@@ -227,6 +242,7 @@ class AMPDParams:
     history: History | None = None
     source: SourceDescriptor | None = None
     retain: bool | None = None
+    auth: Mapping[str, Any] | None = None
 
     @property
     def wants_retention(self) -> bool:
@@ -246,6 +262,8 @@ class AMPDParams:
             d["source"] = self.source.to_dict()
         if self.retain is not None:
             d["retain"] = self.retain
+        if self.auth is not None:
+            d["auth"] = dict(self.auth)
         return d
 
     def wire(self) -> dict[str, Any]:
@@ -253,7 +271,7 @@ class AMPDParams:
         return {KEY: self.to_dict()}
 
 
-_ALLOWED = {"v", "role", "xfer", "session", "history", "source", "retain"}
+_ALLOWED = {"v", "role", "xfer", "session", "history", "source", "retain", "auth"}
 
 
 def parse(kv_transfer_params: Any) -> AMPDParams | None:
@@ -302,7 +320,11 @@ def parse(kv_transfer_params: Any) -> AMPDParams | None:
         raise ParamsError("role 'prefill' takes a 'history', not a 'source'")
     if history is not None and source is not None:
         raise ParamsError("give either 'history' or 'source', not both")
-    return AMPDParams(role=role, xfer=xfer, session=session, history=history, source=source, retain=retain)
+    auth = raw.get("auth")
+    if auth is not None and (role != "export" or not isinstance(auth, Mapping)):
+        raise ParamsError(f"kv_transfer_params.{KEY}.auth is an object and only for role 'export'")
+    return AMPDParams(role=role, xfer=xfer, session=session, history=history, source=source, retain=retain,
+                      auth=auth)
 
 
 # ---------------------------------------------------------------------------------------------- builders
@@ -349,9 +371,10 @@ def migrate_params(xfer: str | None = None, *, history_from: WorkerAddress | str
                       retain=retain).wire()
 
 
-def export_params(xfer: str) -> dict[str, Any]:
-    """Internal (connector → holder): hold this prompt's cached blocks and answer with a source descriptor."""
-    return AMPDParams(role="export", xfer=xfer).wire()
+def export_params(xfer: str, auth: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Internal (connector → holder): hold this prompt's cached blocks and answer with a source descriptor
+    (``auth``: the caller's proof that it holds the cluster secret, `auth.ClusterAuth.export_token`)."""
+    return AMPDParams(role="export", xfer=xfer, auth=auth).wire()
 
 
 def response_params(*, source: SourceDescriptor | None = None, stats: Mapping[str, Any] | None = None,
@@ -404,6 +427,14 @@ def _opt_str(v: Any, name: str) -> str | None:
     if not isinstance(v, str) or not v or len(v) > 256:
         raise ParamsError(f"kv_transfer_params.{KEY}.{name} must be a non-empty string (≤256 chars), got {v!r}")
     return v
+
+
+def _opt_number(v: Any, name: str) -> float | None:
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+        raise ParamsError(f"{name} must be a non-negative number, got {v!r}")
+    return float(v)
 
 
 def _nonneg_int(v: Any, name: str) -> int:

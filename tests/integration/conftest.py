@@ -21,9 +21,10 @@ import pytest
 from ampd_plugin import localcluster as lc
 from ampd_plugin.tiny_model import PRESETS, build_tiny_model
 
-# Short deadlines so failure tests finish quickly; everything else at its default.
+# Short deadlines so failure tests finish quickly (a 10 s lease lets lease tests outwait it); everything
+# else at its default. `peers` is added per cluster (the workers' URLs and one spare port).
 TEST_EXTRA_CONFIG = {"protocol": "tcp", "transfer_timeout_s": 3, "http_timeout_s": 5, "max_history_wait_s": 20,
-                     "retention_ttl_s": 120, "hold_ttl_s": 30}
+                     "retention_ttl_s": 120, "hold_ttl_s": 10}
 BLOCK_SIZE = 128  # vLLM-CPU default
 
 
@@ -35,6 +36,7 @@ class Cluster:
     model: Path
     kv_bytes_per_token: int
     block_size: int = BLOCK_SIZE
+    spare_peer_port: int = 0  # listed in the workers' `peers` but served by nobody (tests bind it)
 
     @property
     def servers(self) -> list[lc.VllmServer]:
@@ -78,7 +80,23 @@ def engine_lock():
 
 
 @pytest.fixture(scope="session")
-def pd_cluster(tiny_model, engine_lock) -> Cluster:
+def cluster_secret(tmp_path_factory) -> Path:
+    """The cluster secret, in a 0600 file named by AMPD_CLUSTER_SECRET_FILE for every engine this session
+    starts (so the suite exercises the authenticated path); the tests sign with it too."""
+    import secrets
+
+    from ampd_plugin.connector import auth
+
+    path = tmp_path_factory.mktemp("secret") / "cluster-secret"
+    path.touch(mode=0o600)
+    path.write_text(secrets.token_hex(32))
+    os.environ.pop(auth.SECRET_ENV, None)
+    os.environ[auth.SECRET_FILE_ENV] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def pd_cluster(tiny_model, engine_lock, cluster_secret) -> Cluster:
     """P (core 0) and D (core 1) with the ampd connector, and a plain reference instance (core 0)."""
     lc.require_isolated_netns("the integration cluster (vLLM workers with the ampd connector / Mooncake)")
     attach = os.environ.get("AMPD_TEST_ATTACH")
@@ -93,11 +111,14 @@ def pd_cluster(tiny_model, engine_lock) -> Cluster:
     servers: list[lc.VllmServer] = []
     try:
         common = dict(log_dir=log_dir, max_model_len=4096, kv_cache_gib=1, dev_mode=True)
-        servers.append(lc.start_vllm(tiny_model, name="prefill", cpu=0, ampd=TEST_EXTRA_CONFIG, **common))
-        servers.append(lc.start_vllm(tiny_model, name="decode", cpu=1, ampd=TEST_EXTRA_CONFIG, **common))
+        p_port, d_port, spare = lc.free_ports(3)
+        extra = {**TEST_EXTRA_CONFIG, "peers": [f"http://127.0.0.1:{port}" for port in (p_port, d_port, spare)]}
+        servers.append(lc.start_vllm(tiny_model, name="prefill", port=p_port, cpu=0, ampd=extra, **common))
+        servers.append(lc.start_vllm(tiny_model, name="decode", port=d_port, cpu=1, ampd=extra, **common))
         servers.append(lc.start_vllm(tiny_model, name="plain", cpu=0, **common))
         lc.wait_healthy(servers, timeout_s=420)
-        yield Cluster(*servers, model=tiny_model, kv_bytes_per_token=PRESETS["tiny"].kv_bytes_per_token())
+        yield Cluster(*servers, model=tiny_model, kv_bytes_per_token=PRESETS["tiny"].kv_bytes_per_token(),
+                      spare_peer_port=spare)
     finally:
         lc.stop_all(servers)
 
@@ -131,6 +152,18 @@ class PD:
         ans = lc.completion(self.c.decode.url, prompt, max_tokens=n,
                             kv_transfer_params=W.local_params(session=session, retain=retain))
         return lc.output_ids(ans), ans.get("kv_transfer_params")
+
+    @staticmethod
+    def sign(source):
+        """``source`` signed with the cluster secret, as a trusted (possibly broken) peer would send it."""
+        from ampd_plugin.connector.auth import ClusterAuth, load_secret
+
+        return ClusterAuth(load_secret()).sign_source(source)
+
+    @staticmethod
+    def counter(url: str, name: str) -> float:
+        """An ampd connector counter (``vllm:ampd_<name>_total``) on a worker."""
+        return lc.metric_sum(lc.scrape_metrics(url), f"vllm:ampd_{name}_total")
 
     @staticmethod
     def prompt_sources(url: str) -> dict[str, float]:

@@ -19,10 +19,11 @@ N_OUT = 8
 
 
 @contextlib.contextmanager
-def silent_listener():
+def silent_listener(port: int = 0):
     """A TCP port that accepts connections and never says a word (a hung peer)."""
     s = socket.socket()
-    s.bind(("127.0.0.1", 0))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("127.0.0.1", port))
     s.listen(16)
     try:
         yield s.getsockname()[1]
@@ -46,7 +47,7 @@ def _decode_from(pd, prompt, source):
 def test_dead_or_bad_peer_is_recomputed(pd, tokens, te):
     prompt = tokens(300, f"dead-peer-{te}")
     source = _prefill_source(pd, prompt)
-    broken = W.SourceDescriptor(**{**source.__dict__, "te": te})
+    broken = pd.sign(W.SourceDescriptor(**{**source.__dict__, "te": te}))  # a trusted peer, wrong address
     out, kv, secs = _decode_from(pd, prompt, broken)
     assert out == pd.reference(prompt, N_OUT)
     assert "failed" in (W.response_error(kv) or "")
@@ -57,7 +58,7 @@ def test_hung_peer_times_out_and_is_recomputed(pd, tokens):
     prompt = tokens(300, "hung-peer")
     source = _prefill_source(pd, prompt)
     with silent_listener() as port:
-        hung = W.SourceDescriptor(**{**source.__dict__, "te": f"127.0.0.1:{port}"})
+        hung = pd.sign(W.SourceDescriptor(**{**source.__dict__, "te": f"127.0.0.1:{port}"}))
         out, kv, secs = _decode_from(pd, prompt, hung)
     assert out == pd.reference(prompt, N_OUT)
     assert W.response_error(kv)
@@ -76,7 +77,7 @@ def test_unreachable_or_hung_history_holder_means_local_compute(pd, tokens):
         out = lc.output_ids(lc.completion(pd.c.decode.url, prompt, max_tokens=N_OUT,
                                           kv_transfer_params=W.decode_params(p_kv)))
         assert out == pd.reference(prompt, N_OUT)
-    with silent_listener() as port:
+    with silent_listener(pd.c.spare_peer_port) as port:  # a listed peer that hangs
         t0 = time.monotonic()
         fresh = tokens(650, "history-holder-hung")  # P must not cache it, or no export is attempted
         p_kv = lc.completion(pd.c.prefill.url, fresh, max_tokens=1, kv_transfer_params=W.remote_prefill_params(

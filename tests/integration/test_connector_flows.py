@@ -53,13 +53,15 @@ def test_partial_remote_prefill(pd, tokens):
 
 def test_negative_control_decode_uses_transferred_kv(pd, tokens):
     """P prefills A; D is asked for A' (first token changed) with P's params stripped of the prompt
-    fingerprint (a peer that sends none): D must continue A — it decodes from the transferred KV."""
+    fingerprint (a trusted peer that sends none, re-signed): D must continue A — it decodes from the
+    transferred KV."""
     a = tokens(400, "negative-control")
     a_prime = [a[0] + 1] + a[1:]
     ref_a, ref_a_prime = pd.reference(a, N_OUT), pd.reference(a_prime, N_OUT)
     assert ref_a != ref_a_prime, "the tiny model must be context sensitive for this control to mean anything"
     p_kv = lc.completion(pd.c.prefill.url, a, max_tokens=1, kv_transfer_params=W.remote_prefill_params()).get("kv_transfer_params")
-    p_kv["ampd"]["source"].pop("fingerprint")
+    src = W.response_source(p_kv)
+    p_kv["ampd"]["source"] = pd.sign(W.SourceDescriptor(**{**src.__dict__, "fingerprint": None})).to_dict()
     d_ans = lc.completion(pd.c.decode.url, a_prime, max_tokens=N_OUT, kv_transfer_params=W.decode_params(p_kv))
     assert lc.output_ids(d_ans) == ref_a
 

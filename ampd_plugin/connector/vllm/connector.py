@@ -113,15 +113,19 @@ class AMPDConnector(KVConnectorBase_V1):
         return None
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        finished, _ = self._worker.transfer_results()
+        finished, _ = self._worker.transfer_results(legacy=True)  # failures → get_block_ids_with_load_errors
         return None, finished or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.load_error_blocks() if self._worker is not None else set()
 
     def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
         finished, failed = self._worker.transfer_results()
         return KVConnectorTransferResults(finished_sending=set(), finished_recving=finished, failed_recving=failed)
 
     def get_kv_connector_stats(self) -> AMPDKVConnectorStats | None:
-        return self._worker.stats() if self._worker is not None else None
+        half = self._worker if self._worker is not None else self._scheduler
+        return half.stats() if half is not None else None
 
     # ------------------------------------------------------------------------------- scheduler side
     def bind_kv_cache_manager(self, kv_cache_manager) -> None:
@@ -132,6 +136,9 @@ class AMPDConnector(KVConnectorBase_V1):
         info = metadata.get(0)
         if isinstance(info, AMPDHandshake):
             self._scheduler.set_worker_info(info)
+
+    def on_new_request(self, request: "Request") -> None:
+        self._scheduler.on_new_request(request)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)

@@ -9,6 +9,7 @@ pool operations are injected, so unit tests run without an engine.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -32,12 +33,17 @@ class HoldTable:
                  clock: Callable[[], float] = time.monotonic):
         self._pin, self._unpin, self._clock = pin, unpin, clock
         self._holds: dict[str, Hold] = {}
+        self.expired: collections.Counter[str] = collections.Counter()  # holds released by their TTL, per kind
 
     def __len__(self) -> int:
         return len(self._holds)
 
     def __contains__(self, key: str) -> bool:
         return key in self._holds
+
+    def kind(self, key: str) -> str | None:
+        hold = self._holds.get(key)
+        return hold.kind if hold else None
 
     def count(self, kind: str) -> int:
         return sum(1 for h in self._holds.values() if h.kind == kind)
@@ -59,6 +65,19 @@ class HoldTable:
         self._unpin(list(reversed(hold.blocks)))
         return True
 
+    def renew(self, key: str, ttl_s: float, max_age_s: float) -> bool:
+        """Extend an export's lease to ``ttl_s`` from now (never beyond ``max_age_s`` after it was made)."""
+        hold = self._holds.get(key)
+        if hold is None or hold.kind != SOURCE:
+            return False
+        now = self._clock()
+        hold.deadline = max(hold.deadline, min(now + ttl_s, hold.created + max_age_s))
+        return True
+
+    def remaining(self, key: str) -> float | None:
+        hold = self._holds.get(key)
+        return None if hold is None else hold.deadline - self._clock()
+
     def release_session(self, session: str, kind: str = RETAIN) -> int:
         keys = [k for k, h in self._holds.items() if h.session == session and h.kind == kind]
         for k in keys:
@@ -69,6 +88,7 @@ class HoldTable:
         now = self._clock()
         keys = [k for k, h in self._holds.items() if h.deadline <= now]
         for k in keys:
+            self.expired[self._holds[k].kind] += 1
             self.release(k)
         return keys
 

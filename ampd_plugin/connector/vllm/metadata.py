@@ -36,6 +36,7 @@ class LoadSpec:
     local_blocks: list[int]
     remote_blocks: list[int]
     error: str | None = None      # set when the scheduler could not plan the read: the worker fails it
+    lease_deadline: float | None = None  # monotonic time the source's lease is known to hold until (leases.py)
 
 
 @dataclasses.dataclass

@@ -13,6 +13,11 @@ cache covers it, so it computes one token, pins the blocks and answers with thei
 Readers report "done" to the holder's ZMQ PULL socket (`notify`); holders drain it once per step. An idle
 engine does not step, so its pins then wait for the next request: harmless (nothing needs the memory while
 idle) and cheaper than keeping the engine loop spinning (which would burn its core for up to `hold_ttl_s`).
+
+Safety (`auth.py`, `leases.py`): exported blocks are held under a lease that waiting readers renew; a read
+is planned only while its lease is known to hold. With a cluster secret, descriptors and notices are
+signed and checked and history exports are answered only for authenticated callers; ``history.from`` is
+fetched only from known peers. A refusal means "compute locally" with ``kv_transfer_params.ampd.error``.
 """
 
 from __future__ import annotations
@@ -27,8 +32,12 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from ampd_plugin.connector import params as wire
+from ampd_plugin.connector.auth import AuthError, ClusterAuth, PeerAllowList, load_secret
 from ampd_plugin.connector.vllm.config import AMPDConnectorConfig
 from ampd_plugin.connector.vllm.holds import RETAIN, SOURCE, HoldTable
+from ampd_plugin.connector.vllm.leases import LeaseKeeper, RenewalThread
+from ampd_plugin.connector.vllm.sockets import PushSockets
+from ampd_plugin.connector.vllm.stats import AMPDKVConnectorStats
 from ampd_plugin.connector.vllm.metadata import (
     AMPDConnectorMetadata,
     AMPDHandshake,
@@ -54,6 +63,8 @@ class _ReqState:
     load_start: int = 0
     loading_since: float | None = None
     done: bool = False          # a load was planned (or given up); never plan another for this request
+    refused: bool = False       # an export refused to an unauthenticated caller: hold and describe nothing
+    local_hit: int | None = None  # the prefix-cache hit when first matched (what an export did not recompute)
     stats: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -82,8 +93,87 @@ class AMPDScheduler:
         self._pending: list[LoadSpec] = []
         self._pressure = False
         self._http = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="ampd-export")
+        self._stats = AMPDKVConnectorStats()
+        self._init_safety(host)
         log.info("ampd connector scheduler: engine %s, notify %s, block size %d", engine_id, self.notify_addr,
                  self.block_size)
+
+    # ------------------------------------------------------------------------------------ safety
+    def _init_safety(self, host: str) -> None:
+        self._auth = ClusterAuth(load_secret())
+        self._peers = PeerAllowList(self.cfg.peers, own_hosts=[host])
+        self._renew_socks = PushSockets(immediate=True)  # used by the renewal thread only
+        self._leases = LeaseKeeper(lambda addr, xfer: self._renew_socks.send(addr, self._auth.notice("renew", xfer)))
+        self._renewer = RenewalThread(self._leases.renew_due)
+        self._expired_seen = 0
+        if self._auth.enabled:
+            log.info("ampd connector: cluster secret configured; descriptors, notices and exports are authenticated")
+        else:
+            log.warning("ampd connector: UNAUTHENTICATED (no AMPD_CLUSTER_SECRET / AMPD_CLUSTER_SECRET_FILE): any "
+                        "process that reaches this engine can steer its KV transfers; use on a single host only")
+        if not self.cfg.peers:
+            log.info("ampd connector: history.from accepted only for this host's addresses (no peers configured)")
+
+    def _check_request(self, st: _ReqState, request: "Request") -> None:
+        """Refuse a forged descriptor, an unknown history peer or an unauthenticated export (local compute)."""
+        p = st.params
+        try:
+            if p.source is not None:
+                try:
+                    self._auth.verify_source(p.source)
+                except AuthError:
+                    self._stats.count("descriptors_refused")
+                    raise
+            if p.history is not None:
+                try:
+                    self._peers.check(p.history.source)
+                except AuthError as exc:
+                    self._stats.count("peers_refused")
+                    raise AuthError(f"history export from {p.history.source} refused: {exc}") from None
+            if p.role == "export":
+                try:
+                    self._auth.verify_export(p.auth, p.xfer, list(request.prompt_token_ids or []))
+                except AuthError:
+                    self._stats.count("exports_refused")
+                    st.refused = True
+                    raise
+        except AuthError as exc:
+            st.error, st.done = f"{exc}; computed locally", True
+            log.warning("ampd: request %s: %s", request.request_id, st.error)
+
+    def _lease_problem(self, req_id: str, src: wire.SourceDescriptor) -> str | None:
+        """Why the source's blocks may no longer be ours to read (None: the lease holds long enough)."""
+        self._leases.track(req_id, src)
+        deadline = self._leases.deadline(req_id)
+        if deadline is None:
+            return "the source descriptor carries no lease (expires/lease_s): computed locally"
+        left = deadline - time.monotonic()
+        if left < self.cfg.transfer_timeout_s + 1.0:
+            self._leases.untrack(req_id)
+            self._stats.count("lease_abandoned_reads")
+            return (f"the lease on the source blocks lapsed (or has {max(left, 0):.1f}s left, less than a read "
+                    "may take) before this request was scheduled: computed locally")
+        return None
+
+    def on_new_request(self, request: "Request") -> None:
+        """Parse and check params on arrival, and start renewing a source's lease while the request queues."""
+        st = self._state(request)
+        if st is not None and st.source is not None and not st.done:
+            self._leases.track(request.request_id, st.source)
+
+    def stats(self) -> AMPDKVConnectorStats | None:
+        expired = self._holds.expired[SOURCE]
+        if expired > self._expired_seen:
+            self._stats.count("lease_expiries", expired - self._expired_seen)
+            self._expired_seen = expired
+        return None if self._stats.is_empty() else self._stats.clone_and_reset()
+
+    def counts(self) -> dict[str, int]:
+        """Table sizes (leak checks): requests, pending loads, pins, tracked leases, sockets, nonces."""
+        return {"requests": len(self._reqs), "pending_loads": len(self._pending),
+                "source_holds": self._holds.count(SOURCE), "retain_holds": self._holds.count(RETAIN),
+                "leases": len(self._leases), "renew_sockets": len(self._renew_socks),
+                "nonces": self._auth.replay_entries()}
 
     # ------------------------------------------------------------------------------------ wiring
     def bind_block_pool(self, block_pool) -> None:
@@ -118,12 +208,15 @@ class AMPDScheduler:
             return None
         st = _ReqState(params=parsed, source=parsed.source)
         self._reqs[request.request_id] = st
+        self._check_request(st, request)
         return st
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)
         if st is None or st.done or st.params is None:
             return 0, False
+        if st.local_hit is None:
+            st.local_hit = num_computed_tokens
         p = st.params
         bs = self.block_size
         if p.history is not None and st.source is None:
@@ -135,7 +228,7 @@ class AMPDScheduler:
                 st.export_started = time.monotonic()
                 st.export = self._http.submit(self._export, p.history.source.format(),
                                               list(request.prompt_token_ids[: n_blocks * bs + 1]),
-                                              f"{p.xfer or request.request_id}-h")
+                                              f"{p.xfer or request.request_id}-h", request.request_id)
             if not st.export.done():
                 if time.monotonic() - st.export_started > self.cfg.max_history_wait_s:
                     st.error = f"history export from {p.history.source} not answered in {self.cfg.max_history_wait_s}s"
@@ -143,7 +236,9 @@ class AMPDScheduler:
                     return 0, False
                 return None, False
             try:
-                st.source = st.export.result()
+                st.source, holder_stats = st.export.result()
+                if holder_stats.get("export_recomputed_tokens"):
+                    st.stats["history_recomputed_tokens"] = holder_stats["export_recomputed_tokens"]
                 st.stats["history_export_ms"] = round(1000 * (time.monotonic() - st.export_started), 2)
             except Exception as exc:  # noqa: BLE001 - any failure means "compute it locally"
                 st.error = f"history export from {p.history.source} failed, computed locally: {exc}"
@@ -163,6 +258,11 @@ class AMPDScheduler:
             st.error, st.done = ("the source holds KV of a different prompt (fingerprint mismatch): "
                                  "computed locally"), True
             log.error("ampd: request %s: %s", request.request_id, st.error)
+            return 0, False
+        problem = self._lease_problem(request.request_id, src)
+        if problem:
+            st.error, st.done = problem, True
+            log.warning("ampd: request %s: %s", request.request_id, problem)
             return 0, False
         n = external_tokens(src.tokens, request.num_tokens, num_computed_tokens, bs,
                             whole_blocks_only=p.history is not None)
@@ -187,7 +287,8 @@ class AMPDScheduler:
         src = st.source
         local_ids = blocks.get_block_ids()[0]
         span = block_span(st.load_start, num_external_tokens, self.block_size)
-        spec = LoadSpec(req_id=request.request_id, source=src, local_blocks=[], remote_blocks=[])
+        spec = LoadSpec(req_id=request.request_id, source=src, local_blocks=[], remote_blocks=[],
+                        lease_deadline=self._leases.deadline(request.request_id))
         if span.stop > len(local_ids) or span.stop > len(src.blocks):
             spec.error = (f"block plan out of range (span {span.start}..{span.stop}, local {len(local_ids)}, "
                           f"source {len(src.blocks)})")
@@ -200,9 +301,9 @@ class AMPDScheduler:
                         read_bytes=len(spec.local_blocks) * layers * src.block_bytes, read_from=src.engine)
         self._pending.append(spec)
 
-    def _export(self, url: str, token_ids: list[int], xfer: str) -> wire.SourceDescriptor:
+    def _export(self, url: str, token_ids: list[int], xfer: str, req_id: str) -> tuple[wire.SourceDescriptor, dict]:
         body = {"model": self.model_name, "prompt": token_ids, "max_tokens": 1, "temperature": 0.0,
-                "kv_transfer_params": wire.export_params(xfer)}
+                "kv_transfer_params": wire.export_params(xfer, self._auth.export_token(xfer, token_ids))}
         req = urllib.request.Request(url.rstrip("/") + "/v1/completions", data=json.dumps(body).encode(),
                                      headers={"Content-Type": "application/json"})
         try:
@@ -214,7 +315,13 @@ class AMPDScheduler:
         src = wire.response_source(params)
         if src is None:
             raise RuntimeError(f"{url} returned no source descriptor ({wire.response_error(params) or 'no ampd connector?'})")
-        return src
+        try:
+            self._auth.verify_source(src)
+        except AuthError:
+            self._stats.count("descriptors_refused")
+            raise
+        self._leases.track(req_id, src)  # renew from now on, even if this engine does not step for a while
+        return src, wire.response_stats(params)
 
     # --------------------------------------------------------------------------------- per step
     def build_connector_meta(self, scheduler_output) -> AMPDConnectorMetadata:
@@ -242,15 +349,21 @@ class AMPDScheduler:
             except zmq.Again:
                 return
             try:
-                xfer = json.loads(msg)["xfer"]
-            except (ValueError, KeyError, TypeError):
-                log.warning("ampd: ignoring malformed notice %r", msg[:100])
+                kind, xfer = self._auth.check_notice(msg)
+            except AuthError as exc:
+                self._stats.count("notices_refused")
+                log.warning("ampd: notice refused: %s", exc)
                 continue
-            if xfer in self._holds:
+            if kind == "renew":
+                if self._holds.renew(xfer, self.cfg.hold_ttl_s, self.cfg.lease_max_s):
+                    self._stats.count("lease_renewals_received")
+            elif self._holds.kind(xfer) == SOURCE:
                 self._holds.release(xfer)
 
     def update_connector_output(self, output) -> None:
         now = time.monotonic()
+        for req_id in set(output.finished_recving or ()) | set(output.failed_recving or ()):
+            self._untrack_lease(req_id)
         for req_id in output.finished_recving or ():
             st = self._reqs.get(req_id)
             if st is not None and st.loading_since is not None:
@@ -275,24 +388,39 @@ class AMPDScheduler:
         log.info("ampd: released %d pins on cache reset", released)
         return True
 
+    def _untrack_lease(self, req_id: str) -> None:
+        renewals = self._leases.untrack(req_id)
+        if renewals:
+            self._stats.count("lease_renewals_sent", renewals)
+            st = self._reqs.get(req_id)
+            if st is not None:
+                st.stats["lease_renewals"] = renewals
+
     # ------------------------------------------------------------------------------ finishing
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         from vllm.v1.request import RequestStatus
 
-        st = self._reqs.pop(request.request_id, None)
+        st = self._reqs.get(request.request_id)
         if st is None:
             return False, None
+        self._untrack_lease(request.request_id)
+        del self._reqs[request.request_id]
         p = st.params
         source = None
-        if (p is not None and p.role in ("prefill", "export") and block_ids and self._worker is not None
+        if p is not None and p.role == "export" and not st.refused:
+            self._note_export_recompute(st, request)
+        if st.refused:
+            pass  # an unauthenticated export: no pin, no addresses
+        elif (p is not None and p.role in ("prefill", "export") and block_ids and self._worker is not None
                 and request.status == RequestStatus.FINISHED_LENGTH_CAPPED and self._block_pool is not None):
             tokens = min(request.num_computed_tokens, len(block_ids) * self.block_size)
             self._holds.add(p.xfer, SOURCE, [self._block_pool.blocks[b] for b in block_ids], self.cfg.hold_ttl_s)
-            source = wire.SourceDescriptor(
+            source = self._auth.sign_source(wire.SourceDescriptor(
                 engine=self.engine_id, te=self._worker.te_session, notify=self.notify_addr, xfer=p.xfer,
                 blocks=tuple(block_ids), tokens=tokens, block_size=self.block_size,
                 block_bytes=self._worker.block_bytes, bases=self._worker.bases,
-                fingerprint=wire.prompt_fingerprint((request.prompt_token_ids or [])[:tokens]))
+                fingerprint=wire.prompt_fingerprint((request.prompt_token_ids or [])[:tokens]),
+                expires=round(time.time() + self.cfg.hold_ttl_s, 3), lease_s=self.cfg.hold_ttl_s))
             st.stats["held_blocks"] = len(block_ids)
         elif p is not None and p.role in ("prefill", "export") and st.error is None:
             st.error = f"nothing exported (finish status {request.status.name}; send max_tokens=1)"
@@ -304,8 +432,20 @@ class AMPDScheduler:
                                 [self._block_pool.blocks[b] for b in block_ids], self.cfg.retention_ttl_s,
                                 session=p.session)
                 st.stats["retained_blocks"] = len(block_ids)
+        st.stats["tables"] = self.counts()  # lets operators and tests see that nothing accumulates
         return False, wire.response_params(source=source, stats=st.stats, error=st.error)
 
+    def _note_export_recompute(self, st: _ReqState, request: "Request") -> None:
+        """An export whose history was not cached here recomputed it (stalling this engine's batch): say so."""
+        recomputed = max(0, len(request.prompt_token_ids or []) - 1 - (st.local_hit or 0))
+        if recomputed:
+            st.stats["export_recomputed_tokens"] = recomputed
+            self._stats.count("export_recomputes")
+            self._stats.count("export_recomputed_tokens", recomputed)
+            log.info("ampd: history export %s recomputed %d tokens here (not cached)", st.params.xfer, recomputed)
+
     def shutdown(self) -> None:
+        self._renewer.stop()
+        self._renew_socks.close_all()
         self._http.shutdown(wait=False, cancel_futures=True)
         self._notify_sock.close(0)

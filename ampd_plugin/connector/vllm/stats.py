@@ -4,7 +4,9 @@ Workers count the KV they READ (every transfer in this connector is a read by th
 KV, so "bytes read by D" = "bytes moved to D"). vLLM ships the counters to the API server every step;
 it logs them ("KV Transfer metrics: ...") and `AMPDPromMetrics` exports them on `/metrics` as
 `vllm:ampd_kv_read_bytes_total`, `vllm:ampd_kv_read_blocks_total`, `vllm:ampd_kv_reads_total`,
-`vllm:ampd_kv_read_failures_total` and `vllm:ampd_kv_read_seconds` (histogram).
+`vllm:ampd_kv_read_failures_total` and `vllm:ampd_kv_read_seconds` (histogram), plus the safety counters
+of `SAFETY_COUNTERS` as `vllm:ampd_<name>_total` (leases, refusals, recomputed exports; counted by the
+scheduler half and merged by vLLM with the workers' stats).
 Per-request figures come back in each response's ``kv_transfer_params["ampd"]["stats"]``.
 """
 
@@ -15,7 +17,19 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics, KVConnectorStats
 
-_COUNTERS = ("read_bytes", "read_blocks", "reads", "read_failures")
+SAFETY_COUNTERS = {
+    "lease_renewals_sent": "Lease renewals this engine sent for reads it was waiting to do.",
+    "lease_renewals_received": "Lease renewals this engine accepted for blocks it exported.",
+    "lease_expiries": "Exported blocks whose lease lapsed before the reader said it was done.",
+    "lease_abandoned_reads": "Reads abandoned because the source's lease had (or might have) lapsed; computed locally.",
+    "notices_refused": "Done/renew notices refused (unsigned, forged, expired, replayed or malformed).",
+    "descriptors_refused": "Source descriptors refused (unsigned or bad signature); computed locally.",
+    "peers_refused": "history.from URLs refused because they are not known peers.",
+    "exports_refused": "History exports refused to an unauthenticated caller.",
+    "export_recomputes": "History exports that had to recompute part of the history here (not cached).",
+    "export_recomputed_tokens": "Tokens recomputed here for history exports.",
+}
+_COUNTERS = ("read_bytes", "read_blocks", "reads", "read_failures", *SAFETY_COUNTERS)
 
 
 @dataclasses.dataclass
@@ -39,9 +53,13 @@ class AMPDKVConnectorStats(KVConnectorStats):
         self.data["read_seconds"].append(seconds)
 
     def record_failure(self) -> None:
+        self.count("read_failures")
+
+    def count(self, name: str, n: int = 1) -> None:
+        """Add ``n`` to counter ``name`` (one of ``_COUNTERS``)."""
         if "reads" not in self.data:
             self.reset()
-        self.data["read_failures"] += 1
+        self.data[name] = self.data.get(name, 0) + n
 
     def clone_and_reset(self) -> "AMPDKVConnectorStats":
         out = AMPDKVConnectorStats(data={k: (list(v) if isinstance(v, list) else v) for k, v in self.data.items()})
@@ -49,7 +67,7 @@ class AMPDKVConnectorStats(KVConnectorStats):
         return out
 
     def is_empty(self) -> bool:
-        return self.data.get("reads", 0) == 0 and self.data.get("read_failures", 0) == 0
+        return not any(self.data.get(name, 0) for name in _COUNTERS)
 
     def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
         for name in _COUNTERS:
@@ -59,7 +77,8 @@ class AMPDKVConnectorStats(KVConnectorStats):
 
     def reduce(self) -> dict[str, int | float]:
         secs = self.data.get("read_seconds", [])
-        out: dict[str, int | float] = {name: self.data.get(name, 0) for name in _COUNTERS}
+        out: dict[str, int | float] = {name: self.data.get(name, 0) for name in _COUNTERS
+                                       if name not in SAFETY_COUNTERS or self.data.get(name, 0)}
         out["avg_read_ms"] = round(1000 * sum(secs) / len(secs), 3) if secs else 0.0
         out["MB_read"] = round(self.data.get("read_bytes", 0) / 2**20, 3)
         return out
@@ -79,6 +98,7 @@ class AMPDPromMetrics(KVConnectorPromMetrics):
             "read_blocks": counter("vllm:ampd_kv_read_blocks", "KV blocks read from peers by the ampd connector."),
             "reads": counter("vllm:ampd_kv_reads", "Successful batched KV reads by the ampd connector."),
             "read_failures": counter("vllm:ampd_kv_read_failures", "Failed KV reads by the ampd connector."),
+            **{name: counter(f"vllm:ampd_{name}", doc) for name, doc in SAFETY_COUNTERS.items()},
         }
         self._seconds = create_metric_per_engine(
             self._histogram_cls(name="vllm:ampd_kv_read_seconds", documentation="Duration of one batched KV read.",

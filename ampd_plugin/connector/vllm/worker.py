@@ -3,19 +3,26 @@
 It registers the KV cache with Mooncake, performs the reads the scheduler planned (on one background
 thread, so the forward pass never waits for the network), tells each holder "done" so it can unpin, and
 reports finished/failed loads and transfer counters back to the scheduler.
+
+A read runs only inside the lease its scheduler planned it in (`LoadSpec.lease_deadline`): one that would
+start too late, or ends after the deadline, fails (→ recompute) instead of trusting blocks the holder may
+have freed. A failed read is never reported as a successful one: `get_transfer_results` lists it in
+``failed_recving``; the older `get_finished` path reports its blocks through
+`get_block_ids_with_load_errors` so vLLM recomputes them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import json
 import logging
 import threading
 import time
 
+from ampd_plugin.connector.auth import ClusterAuth, load_secret
 from ampd_plugin.connector.transfer import TransferEngineWrapper
 from ampd_plugin.connector.vllm.config import AMPDConnectorConfig
 from ampd_plugin.connector.vllm.metadata import AMPDConnectorMetadata, AMPDHandshake, LoadSpec, read_descriptors
+from ampd_plugin.connector.vllm.sockets import PushSockets
 from ampd_plugin.connector.vllm.stats import AMPDKVConnectorStats
 
 log = logging.getLogger("ampd_plugin.connector")
@@ -31,10 +38,12 @@ class AMPDWorker:
         # Several read threads: one stuck peer (a read waits for Mooncake's own deadline, so late bytes can
         # never land in blocks vLLM has reused) must not hold up reads from healthy peers.
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ampd-read")
-        self._inflight: dict[str, concurrent.futures.Future] = {}
+        self._inflight: dict[str, tuple[concurrent.futures.Future, LoadSpec]] = {}
         self._stats = AMPDKVConnectorStats()
-        self._push: dict[str, object] = {}   # notify address -> ZMQ PUSH socket (under _push_lock)
+        self._auth = ClusterAuth(load_secret())
+        self._push = PushSockets()   # to holders' notify addresses (under _push_lock)
         self._push_lock = threading.Lock()
+        self._load_error_blocks: set[int] = set()
 
     def register_kv_caches(self, kv_caches: dict) -> None:
         bases: list[int] = []
@@ -64,7 +73,7 @@ class AMPDWorker:
     def start_loads(self, meta: AMPDConnectorMetadata) -> None:
         for spec in meta.loads:
             if spec.req_id not in self._inflight:
-                self._inflight[spec.req_id] = self._pool.submit(self._read, spec)
+                self._inflight[spec.req_id] = (self._pool.submit(self._read, spec), spec)
 
     def _read(self, spec: LoadSpec) -> tuple[int, int, float]:
         start = time.monotonic()
@@ -72,42 +81,44 @@ class AMPDWorker:
             if spec.error:
                 raise RuntimeError(spec.error)
             src = spec.source
+            self._check_lease(spec, "start")
             lo, re, ln = read_descriptors(spec.local_blocks, spec.remote_blocks, self.handshake.bases, src.bases,
                                           src.block_bytes)
             nbytes = self.te.read(src.te, lo, re, ln)
+            self._check_lease(spec, "end")
             return nbytes, len(spec.local_blocks), time.monotonic() - start
         finally:
             self._notify(spec.source.notify, spec.source.xfer)
 
+    def _check_lease(self, spec: LoadSpec, when: str) -> None:
+        """Fail the read unless it runs within the lease (start: with room for a whole read)."""
+        if spec.lease_deadline is None:
+            return
+        margin = self.cfg.transfer_timeout_s if when == "start" else 0.0
+        if time.monotonic() + margin > spec.lease_deadline:
+            self._stats.count("lease_abandoned_reads")
+            raise LeaseLapsed(f"the lease on {spec.source.engine}'s blocks lapsed by the {when} of the read; "
+                              "its KV is discarded and recomputed")
+
     def _notify(self, addr: str, xfer: str) -> None:
-        import zmq
-
         with self._push_lock:
-            self._notify_locked(addr, xfer, zmq)
+            if not self._push.send(addr, self._auth.notice("done", xfer)):
+                log.warning("ampd: could not notify %s that %s was read (its lease releases the pin)", addr, xfer)
 
-    def _notify_locked(self, addr: str, xfer: str, zmq) -> None:
-        try:
-            sock = self._push.get(addr)
-            if sock is None:
-                sock = zmq.Context.instance().socket(zmq.PUSH)
-                sock.setsockopt(zmq.LINGER, 1000)
-                sock.setsockopt(zmq.SNDTIMEO, 1000)
-                sock.connect(addr)
-                self._push[addr] = sock
-            sock.send(json.dumps({"xfer": xfer}).encode(), zmq.NOBLOCK)
-        except Exception as exc:  # noqa: BLE001 - the holder's TTL releases the pin anyway
-            log.warning("ampd: could not notify %s that %s was read: %s", addr, xfer, exc)
-
-    def transfer_results(self) -> tuple[set[str], set[str]]:
-        """(finished, failed) loads since the last call; a failed load is also 'finished' (vLLM contract)."""
+    def transfer_results(self, legacy: bool = False) -> tuple[set[str], set[str]]:
+        """(finished, failed) loads since the last call; a failed load is also 'finished' (vLLM contract:
+        it leaves WAITING_FOR_REMOTE_KVS). With ``legacy`` (the `get_finished` path, which has no failed
+        set) a failed load's blocks go to `load_error_blocks` instead, so vLLM recomputes them."""
         finished: set[str] = set()
         failed: set[str] = set()
-        for req_id, fut in list(self._inflight.items()):
+        for req_id, (fut, spec) in list(self._inflight.items()):
             if not fut.done():
                 continue
             del self._inflight[req_id]
             finished.add(req_id)
             exc = fut.exception()
+            if exc is not None and legacy:
+                self._load_error_blocks.update(spec.local_blocks)
             try:
                 if exc is None:
                     nbytes, nblocks, secs = fut.result()
@@ -120,15 +131,29 @@ class AMPDWorker:
                 log.exception("ampd: stats bookkeeping failed for %s", req_id)
         return finished, failed
 
+    def load_error_blocks(self) -> set[int]:
+        """Blocks of failed loads reported through `get_finished` (cleared by the call)."""
+        blocks, self._load_error_blocks = self._load_error_blocks, set()
+        return blocks
+
+    def counts(self) -> dict[str, int]:
+        """Table sizes (leak checks): reads in flight, notify sockets, unreported error blocks."""
+        return {"inflight": len(self._inflight), "push_sockets": len(self._push),
+                "load_error_blocks": len(self._load_error_blocks)}
+
     def stats(self) -> AMPDKVConnectorStats | None:
         return None if self._stats.is_empty() else self._stats.clone_and_reset()
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
-        for sock in self._push.values():
-            sock.close(0)
+        with self._push_lock:
+            self._push.close_all()
         if self.te is not None:
             self.te.close()
+
+
+class LeaseLapsed(RuntimeError):
+    """The source's lease may have lapsed: its blocks may have been freed or reused."""
 
 
 def _merge_regions(regions: list[tuple[int, int]]) -> list[tuple[int, int]]:
