@@ -405,7 +405,11 @@ def response_source(params: Mapping[str, Any] | None) -> SourceDescriptor | None
 
 def response_stats(params: Mapping[str, Any] | None) -> dict[str, Any]:
     """Transfer counters of one request as the connector reports them: ``read_bytes``, ``read_blocks``,
-    ``read_tokens``, ``read_ms``, ``held_blocks``, ``external_tokens`` (see docs/connector.md)."""
+    ``read_tokens``, ``read_ms``, ``held_blocks``, ``external_tokens``, ``lease_renewals`` (see
+    docs/connector.md), and — for the router's cost model — ``history_recomputed_tokens`` in a prefill
+    response: the holder of the history did not cache (all of) it and recomputed that many tokens for the
+    export, stalling its own batch (``export_recomputed_tokens`` is the same figure in the holder's own
+    export response). ``tables`` is a snapshot of the connector's table sizes (leak checks)."""
     raw = _response_body(params).get("stats")
     return dict(raw) if isinstance(raw, Mapping) else {}
 

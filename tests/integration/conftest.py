@@ -37,6 +37,11 @@ class Cluster:
     kv_bytes_per_token: int
     block_size: int = BLOCK_SIZE
     spare_peer_port: int = 0  # listed in the workers' `peers` but served by nobody (tests bind it)
+    extra_config: dict = dataclasses.field(default_factory=lambda: dict(TEST_EXTRA_CONFIG))
+
+    @property
+    def lease_s(self) -> float:
+        return self.extra_config["hold_ttl_s"]
 
     @property
     def servers(self) -> list[lc.VllmServer]:

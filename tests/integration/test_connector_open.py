@@ -9,8 +9,6 @@ import pytest
 from ampd_plugin import localcluster as lc
 from ampd_plugin.connector import params as W
 
-from .conftest import TEST_EXTRA_CONFIG
-
 pytestmark = pytest.mark.integration
 
 N_OUT = 8
@@ -20,7 +18,7 @@ N_OUT = 8
 def open_worker(pd_cluster, tmp_path_factory):
     """One ampd worker without AMPD_CLUSTER_SECRET / AMPD_CLUSTER_SECRET_FILE (no `peers` either)."""
     srv = lc.start_vllm(pd_cluster.model, name="open", cpu=1, log_dir=tmp_path_factory.mktemp("open"),
-                        ampd={k: v for k, v in TEST_EXTRA_CONFIG.items()}, max_model_len=4096, kv_cache_gib=1,
+                        ampd=pd_cluster.extra_config, max_model_len=4096, kv_cache_gib=1,
                         env={"AMPD_CLUSTER_SECRET": "", "AMPD_CLUSTER_SECRET_FILE": ""})
     try:
         lc.wait_healthy([srv], timeout_s=420)

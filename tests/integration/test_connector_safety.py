@@ -15,12 +15,9 @@ from ampd_plugin import localcluster as lc
 from ampd_plugin.connector import params as W
 from ampd_plugin.connector.auth import ClusterAuth, load_secret
 
-from .conftest import TEST_EXTRA_CONFIG
-
 pytestmark = pytest.mark.integration
 
 N_OUT = 8
-LEASE_S = TEST_EXTRA_CONFIG["hold_ttl_s"]
 
 
 def _post(url: str, path: str) -> None:
@@ -69,7 +66,7 @@ def test_lease_renewals_keep_the_history_for_a_reader_paused_past_the_ttl(pd, pd
         finally:
             resume(p_url)
         try:
-            keep_busy(p_url, 1.5 * LEASE_S, tokens)  # P exports, then keeps checking its leases
+            keep_busy(p_url, 1.5 * pd.c.lease_s, tokens)  # P exports, then keeps checking its leases
         finally:
             resume(d_url)
         ans = fut.result(timeout=120)
@@ -85,24 +82,29 @@ def test_lease_renewals_keep_the_history_for_a_reader_paused_past_the_ttl(pd, pd
 
 
 def test_a_lapsed_lease_is_never_read(pd, tokens):
-    """Negative control: D gets P's descriptor only after P's lease lapsed (D paused before the request
-    arrives, so nobody renews): P frees the blocks (its expiry counter says so), D abandons the read and
-    computes the prompt itself — the right tokens, and an error naming the lease."""
+    """Negative control: the same wait, but D's renewals cannot reach P (the descriptor, re-signed as a
+    trusted peer would send it, names a notify port nobody listens on): P's lease lapses and P frees the
+    blocks (its expiry counter says so); D abandons the read and computes the prompt itself — the right
+    tokens, and an error naming the lease."""
     p_url, d_url = pd.c.prefill.url, pd.c.decode.url
     prompt = tokens(500, "lapsed")
     ref = pd.reference(prompt, N_OUT)
     expired0, abandoned0 = pd.counter(p_url, "lease_expiries"), pd.counter(d_url, "lease_abandoned_reads")
     p_kv = lc.completion(p_url, prompt, max_tokens=1, kv_transfer_params=W.remote_prefill_params())["kv_transfer_params"]
+    src = W.response_source(p_kv)
+    deaf = pd.sign(W.SourceDescriptor(**{**src.__dict__, "notify": f"tcp://127.0.0.1:{lc.free_port()}"}))
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         pause(d_url)
         try:
             fut = pool.submit(lc.completion, d_url, prompt, max_tokens=N_OUT, timeout_s=120,
-                              kv_transfer_params=W.decode_params(p_kv))
-            keep_busy(p_url, LEASE_S + 3, tokens)
+                              kv_transfer_params={"ampd": {"role": "decode", "xfer": src.xfer,
+                                                           "source": deaf.to_dict()}})
+            keep_busy(p_url, 1.5 * pd.c.lease_s, tokens)
         finally:
             resume(d_url)
         ans = fut.result(timeout=120)
-    assert "lease" in (W.response_error(ans["kv_transfer_params"]) or "")
+    err = W.response_error(ans["kv_transfer_params"]) or ""
+    assert "lease" in err, err
     assert "read_blocks" not in W.response_stats(ans["kv_transfer_params"])
     assert lc.output_ids(ans) == ref
     keep_busy(p_url, 0.5, tokens)
@@ -242,7 +244,7 @@ def test_nothing_stays_pinned_or_tracked_after_failing_rounds(pd, tokens):
                 history_from="http://192.0.2.7:1", history_tokens=200))
         out = lc.output_ids(lc.completion(d_url, prompt, max_tokens=N_OUT, kv_transfer_params=W.decode_params(p_kv)))
         assert out == pd.reference(prompt, N_OUT)
-    time.sleep(LEASE_S + 1)
+    time.sleep(pd.c.lease_s + 1)
     for url in (p_url, d_url):
         tables = W.response_stats(lc.completion(url, tokens(20, "leak-probe"), max_tokens=1,
                                                 kv_transfer_params=W.local_params())["kv_transfer_params"])["tables"]

@@ -62,7 +62,7 @@ class AMPDConnectorConfig:
             raise ValueError(f"ampd connector: notify_port out of range: {cfg.notify_port}")
         if not 0.0 <= cfg.retention_min_free < 1.0:
             raise ValueError("ampd connector: retention_min_free must be in [0, 1)")
-        for name in ("retention_ttl_s", "hold_ttl_s", "transfer_timeout_s", "http_timeout_s", "max_history_wait_s"):
+        for name in ("retention_ttl_s", "transfer_timeout_s", "http_timeout_s", "max_history_wait_s"):
             if getattr(cfg, name) < 0:
                 raise ValueError(f"ampd connector: {name} must be >= 0")
         for name in ("hold_ttl_s", "lease_max_s"):
