@@ -212,6 +212,12 @@ class AMPDScheduler:
         return st
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
+        n, load_async = self._match(request, num_computed_tokens)
+        if n == 0:  # nothing will be read: stop keeping the holder's blocks alive for us
+            self._untrack_lease(request.request_id)
+        return n, load_async
+
+    def _match(self, request: "Request", num_computed_tokens: int) -> tuple[int | None, bool]:
         st = self._state(request)
         if st is None or st.done or st.params is None:
             return 0, False
@@ -241,6 +247,8 @@ class AMPDScheduler:
                     st.stats["history_recomputed_tokens"] = holder_stats["export_recomputed_tokens"]
                 st.stats["history_export_ms"] = round(1000 * (time.monotonic() - st.export_started), 2)
             except Exception as exc:  # noqa: BLE001 - any failure means "compute it locally"
+                if isinstance(exc, AuthError):
+                    self._stats.count("descriptors_refused")
                 st.error = f"history export from {p.history.source} failed, computed locally: {exc}"
                 log.warning("ampd: request %s: %s", request.request_id, st.error)
                 st.done = True
@@ -315,11 +323,7 @@ class AMPDScheduler:
         src = wire.response_source(params)
         if src is None:
             raise RuntimeError(f"{url} returned no source descriptor ({wire.response_error(params) or 'no ampd connector?'})")
-        try:
-            self._auth.verify_source(src)
-        except AuthError:
-            self._stats.count("descriptors_refused")
-            raise
+        self._auth.verify_source(src)  # AuthError: counted by the scheduler thread
         self._leases.track(req_id, src)  # renew from now on, even if this engine does not step for a while
         return src, wire.response_stats(params)
 
