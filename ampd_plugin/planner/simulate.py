@@ -419,11 +419,13 @@ class _Simulator:
             cached = min(p.ws.cached_prefix.get(st.session.session_id, 0), prompt)
             read = max(0, hist - cached)  # history P lacks, read from the decode worker
             start = max(hist, cached)
-            t_in = (self._t_kv(read, d.ws.layout, p.ws.layout) + self.terms.export_s) if read else 0.0
             r.kv_bytes = (read + prompt - start) * self.kv_bytes_per_token
             r.computed = prompt - start
             job = Job(r, start, prompt - start, 1, self.prefill_done)
-            self.at(arrive + t_in, self.submit, (p.engine, job))
+            if read:  # P asks D to export the history (a request on D: front end, one step), then reads it
+                self.at(arrive, self.export_history, (job, hist, read))
+            else:
+                self.at(arrive, self.submit, (p.engine, job))
             return
         arrive = d.engine.front_end(self.now)
         t_in = 0.0
@@ -435,6 +437,18 @@ class _Simulator:
         r.computed = prompt - hist
         job = Job(r, hist, prompt - hist, r.n_out, self.first_token, self.round_done)
         self.at(arrive + t_in, self.submit, (d.engine, job))
+
+    def export_history(self, arg: tuple[Job, int, int]) -> None:
+        job, hist, read = arg
+        d = job.rnd.sess.decode
+        export = Job(job.rnd, max(0, hist - 1), min(1, hist), 1, lambda _e, now: self.read_history(job, read, now))
+        self.at(d.engine.front_end(self.now), self.submit, (d.engine, export))
+
+    def read_history(self, job: Job, read: int, now: float) -> None:
+        r: _Round = job.rnd
+        p, d = self.prefill[r.worker], r.sess.decode
+        t_in = self.terms.export_s + self._t_kv(read, d.ws.layout, p.ws.layout)
+        self.at(now + t_in, self.submit, (p.engine, job))
 
     def submit(self, arg: tuple[Engine, Job]) -> None:
         engine, job = arg

@@ -68,8 +68,10 @@ def test_zero_load_latencies_equal_the_cost_model():
     # round 0: compute 1000 tokens on P (TP2), D reads 1000 tokens of KV, then computes the last position
     assert r0.ttft == pytest.approx(cost.t_pre(0, 1000, lp) + cost.t_kv(1000, lp, ld) + cost.t_pre(999, 1, ld))
     assert r0.itl == pytest.approx(0.02)
-    # round 1: P caches the 1000-token prompt, reads the 11 output tokens from D, computes 300
-    assert r1.ttft == pytest.approx(cost.t_kv(11, ld, lp) + cost.t_pre(1011, 300, lp) + cost.t_kv(300, lp, ld)
+    # round 1: P caches the 1000-token prompt, has D export the history (one step on D), reads the 11 output
+    # tokens from D, computes 300
+    assert r1.ttft == pytest.approx(cost.t_pre(1010, 1, ld) + cost.t_kv(11, ld, lp) + cost.t_pre(1011, 300, lp)
+                                    + cost.t_kv(300, lp, ld)
                                     + cost.t_pre(1310, 1, ld))
     assert r1.kv_bytes == (11 + 300) * cost.kv_bytes_per_token
     assert r1.start == pytest.approx(r0.start + r0.ttft + 10 * 0.02 + 5.0)

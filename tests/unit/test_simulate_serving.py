@@ -102,8 +102,10 @@ def test_serving_path_fixed_costs_per_route():
     # router hop, P's front end, P's prefill, P answers and the router calls D, D's front end, KV read, D step
     assert r0.ttft == pytest.approx(0.003 + 0.011 + cost.t_pre(0, 200, L) + 0.005 + 0.011
                                     + cost.t_kv(200, L, L) + d_step)
-    # round 1: P has the first prompt cached and reads the 2 output tokens from D: the export round trip
-    assert r1.ttft == pytest.approx(0.003 + 0.011 + cost.t_kv(2, L, L) + 0.007 + cost.t_pre(202, 100, L)
+    # round 1: P has the first prompt cached and reads the 2 output tokens from D after asking D to export
+    # them (a request on D: its front end and one step), plus the export's own fixed cost
+    export = 0.011 + cost.t_pre(201, 1, L) + 0.007
+    assert r1.ttft == pytest.approx(0.003 + 0.011 + export + cost.t_kv(2, L, L) + cost.t_pre(202, 100, L)
                                     + 0.005 + 0.011 + cost.t_kv(100, L, L) + cost.t_pre(301, 1, L))
 
 
