@@ -5,129 +5,46 @@ calls a `PolicyRunner` through the four calls the live router makes (bind_sessio
 order_queue, on_metrics) and keeps the same `ClusterState` (queues, running task, windowed TTFT/ITL,
 KV use, prefill-worker prefix caches) up to date from simulated events.
 
-Model (service times all come from the cost model):
-- Prefill workers run one prefill at a time, non-preemptively; before each dispatch the policy orders
-  the queue. A remote prefill first reads the history the worker does not cache from the decode worker
-  (t_kv d→p), computes the increment (t_pre), then pushes the increment back (t_kv p→d); the first token
-  is out when the increment lands on the decode worker. The worker keeps an LRU prefix cache of the
-  prompts it prefilled (bounded by its KV capacity).
-- Decode workers batch continuously: a step of `b` running rounds reading `ctx` KV tokens takes
-  t_dec(b, ctx). A local prefill waits for the current step, then runs before the next step (prefill is
-  prioritised over decode, as in vLLM), pausing the whole batch.
-- Each decode worker holds its sessions' KV between rounds (tool delays). A round reserves the KV it
-  will need when it is sent; when memory runs out the least recently used idle session is evicted, and
-  its next round re-prefills the whole context with l_hist = 0, as the real system must. A round that
-  does not fit even after evicting every idle session waits for memory.
-- TTFT of a round = first token − send time (initial and incremental prefills alike); ITL = its TPOT.
-Everything is deterministic for a given workload and policy seed (heap ties break by insertion order).
+What it mirrors of the router (`router_policy/server.py`, `queues.py`):
+- a round reaches the router after its hop (`ServingTerms.router_s`); the router's view of the history is
+  what it accounted at the end of the session's last round (prompt + output on the bound worker); with no
+  KV connector every prefill is local; otherwise context migration under KV pressure (`maybe_migrate`,
+  the router's `_maybe_migrate` rule on its own accounting, which keeps a finished session counted for the
+  session TTL) comes before the policy's route;
+- per-worker prefill queues ordered by the policy, `prefill_slots`/`local_prefill_slots` in flight; a prefill
+  worker's slot is freed when its answer reaches the router, a local one at the first token;
+- remote round: P's front end, the history P lacks read from D (after D *exports* it: a request through D's
+  front end and one D step, plus `export_s`), P's prefill, then `remote_s` (P's answer, the router's call to
+  D), D's front end, D reads the increment's KV and computes the last position; local round: D's front end
+  (a migrated round first reads the history from the old worker), then D's engine.
+What it models of the engines (`engine_sim.Engine`): vLLM V1 steps under a token budget — decode tokens plus
+prefill chunks per step, so a local prefill slows the batch's steps instead of pausing it, and a prefill
+worker batches prefills; one FIFO API front end per worker (`frontend_s` per request); KV memory of running
+rounds and cached histories, idle histories evicted LRU under pressure (the next round recomputes them,
+as vLLM's prefix cache does), a round that cannot fit waits for memory.
+TTFT of a round = its first token − the client's send time; the policy gets the sample at that moment,
+for the worker that prefilled; ITL = the round's TPOT (`slo.tpot`), one sample per round, as the router
+records it. Everything is deterministic for a given workload and policy seed (heap ties break by insertion
+order).
 """
 
 from __future__ import annotations
 
 import heapq
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ampd_plugin import slo
+from ampd_plugin.planner.deployment import Deployment, Pool, SimResult, parse_pool  # noqa: F401 (re-exported)
 from ampd_plugin.planner.engine_sim import Engine, Job
 from ampd_plugin.planner.serving import ServingTerms
 from ampd_plugin.router_policy.registry import PolicyRunner, load_policy, policy_class
 from ampd_plugin.router_policy.registry import policy_params as accepted_params
-from ampd_plugin.costmodel import Layout
 from ampd_plugin.router_policy.state import (DECODE, PREFILL, ClusterState, PrefillTask, Route, SessionInfo,
                                              WorkerState)
 from ampd_plugin.workload import Session
-
-_POOL_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
-
-
-@dataclass(frozen=True)
-class Pool:
-    """`count` replicas of one layout."""
-
-    count: int
-    layout: Layout = Layout()
-
-    @property
-    def gpus(self) -> int:
-        return self.count * self.layout.devices
-
-    def __str__(self) -> str:
-        return f"{self.count}x{self.layout.tp}" + (f"x{self.layout.pp}pp" if self.layout.pp > 1 else "")
-
-
-def parse_pool(text: str | int) -> Pool:
-    """'N' or 'NxTP' (e.g. '2x4' = two replicas of TP 4); ValueError on anything else."""
-    m = _POOL_RE.match(str(text))
-    if not m:
-        raise ValueError(f"bad pool {text!r}: expected N or NxTP, e.g. 2x4")
-    count, tp = int(m.group(1)), int(m.group(2) or 1)
-    if tp < 1:
-        raise ValueError(f"bad pool {text!r}: TP degree must be >= 1")
-    return Pool(count, Layout(tp=tp))
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """Prefill pool + decode pool. A co-located deployment has no prefill pool (count 0)."""
-
-    prefill: Pool
-    decode: Pool
-
-    @classmethod
-    def parse(cls, prefill: str | int, decode: str | int) -> "Deployment":
-        return cls(parse_pool(prefill), parse_pool(decode))
-
-    @property
-    def gpus(self) -> int:
-        return self.prefill.gpus + self.decode.gpus
-
-    def __str__(self) -> str:
-        if self.prefill.count == 0:
-            return f"D {self.decode} (co-located)"
-        return f"P {self.prefill} + D {self.decode}"
-
-    def to_dict(self) -> dict:
-        return {
-            "prefill": {"replicas": self.prefill.count, "tp": self.prefill.layout.tp, "pp": self.prefill.layout.pp},
-            "decode": {"replicas": self.decode.count, "tp": self.decode.layout.tp, "pp": self.decode.layout.pp},
-            "gpus": self.gpus,
-        }
-
-
-@dataclass
-class SimResult:
-    """What a run produced: one record per round, plus counters (events, evictions, ...)."""
-
-    records: list[slo.RoundRecord]
-    counters: dict[str, float]
-    deployment: Deployment
-    policy: str
-    wall_s: float = 0.0
-
-    @property
-    def events(self) -> int:
-        return int(self.counters["events"])
-
-    def summary(self, ttft_slo: float, itl_slo: float) -> dict:
-        """`slo.summarize` plus deployment, policy and counters (the `simulate --json` object)."""
-        out = slo.summarize(self.records, ttft_slo, itl_slo)
-        out.update(
-            policy=self.policy,
-            deployment=self.deployment.to_dict(),
-            ttft_slo=ttft_slo,
-            itl_slo=itl_slo,
-            sessions=len({r.session_id for r in self.records}),
-            evictions=int(self.counters["evictions"]),
-            events=self.events,
-            simulated_s=self.counters["simulated_s"],
-            wall_s=self.wall_s,
-        )
-        return out
-
 
 # -- simulation state --------------------------------------------------------------------------------
 
