@@ -142,6 +142,7 @@ class _Simulator:
         self.seq = 0
         self.now = 0.0
         self.last_round_end = 0.0
+        self.router_free_at = 0.0
         self.records: list[slo.RoundRecord] = []
         self.done_sessions = 0
         self.counters = dict(events=0, evictions=0, reprefill_tokens=0, memory_waits=0, local=0, remote=0,
@@ -183,8 +184,10 @@ class _Simulator:
         self.send_round(st)
 
     def send_round(self, st: _Sess) -> None:
-        """The client sends round `st.index`; the router handles it after its hop."""
-        self.at(self.now + self.terms.router_s, self.route_round, (st, self.now))
+        """The client sends round `st.index`; the router (one process, first come first served) handles it
+        after its hop."""
+        self.router_free_at = max(self.now, self.router_free_at) + self.terms.router_s
+        self.at(self.router_free_at, self.route_round, (st, self.now))
 
     def route_round(self, arg: tuple[_Sess, float]) -> None:
         """The router's `_attempt`: its view of the history, migration under KV pressure, the policy's route."""

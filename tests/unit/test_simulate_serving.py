@@ -109,6 +109,15 @@ def test_serving_path_fixed_costs_per_route():
                                     + 0.005 + 0.011 + cost.t_kv(100, L, L) + cost.t_pre(301, 1, L))
 
 
+def test_the_router_is_one_first_come_first_served_server():
+    cost = FakeCost(step=0.01, hist_per_token=0.0)
+    terms = ZERO.replace(router_s=0.004)
+    both = [session("a", 0.0, (200, 2, 0.0)), session("b", 0.0, (10, 2, 0.0))]
+    rec = {r.session_id: r for r in run(("0", "2"), both, "colocated", cost, terms).records}
+    assert rec["a"].ttft == pytest.approx(0.004 + cost.t_pre(0, 200, L))
+    assert rec["b"].ttft == pytest.approx(0.008 + cost.t_pre(0, 10, L))  # waited for a's hop
+
+
 def test_ttft_sample_at_the_first_token_for_the_prefilling_worker_and_tpot_per_round():
     cost = FakeCost(step=0.01, hist_per_token=0.0)
     s = session("s", 0.0, (200, 51, 0.0))
