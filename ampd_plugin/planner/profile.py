@@ -69,6 +69,7 @@ class Samples:
     prefill: list[tuple[int, int, float]] = field(default_factory=list)  # (l_hist, l_incr, seconds)
     decode: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context_tokens, seconds)
     transfer: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
+    skipped: list[str] = field(default_factory=list)  # grid points that could not be measured, and why
 
 
 # --------------------------------------------------------------------------------------- engine client
@@ -211,9 +212,18 @@ class Profiler:
         n_out = self.grid.decode_tokens
         for batch in self.grid.batches:
             for ctx in self.grid.contexts:
-                streams = await asyncio.gather(*(engine.stream(self.fresh(ctx), n_out) for _ in range(batch)))
-                step = steady_step_time(streams, n_out)
-                samples.decode.append((batch, batch * (ctx + n_out // 2), step))
+                step = None
+                for _ in range(self.grid.repeats + 1):  # a starved API server may deliver a stream at once
+                    streams = await asyncio.gather(*(engine.stream(self.fresh(ctx), n_out) for _ in range(batch)))
+                    try:
+                        step = steady_step_time(streams, n_out)
+                        break
+                    except CoalescedStreams:
+                        continue
+                if step is not None:
+                    samples.decode.append((batch, batch * (ctx + n_out // 2), step))
+                else:
+                    samples.skipped.append(f"decode batch={batch} ctx={ctx}: every stream arrived in one burst")
                 self.tick(f"decode batch={batch} ctx={ctx}")
 
     async def transfer(self, prefill: Engine, decode: Engine, samples: Samples, kv_bytes_per_token: int) -> str | None:
@@ -265,10 +275,19 @@ def steady_step_time(streams: Sequence[Sequence[float]], tokens: int) -> float:
     tokens into one chunk or the client reads a burst of chunks at once."""
     if tokens < 2:
         raise ProfileError("decode streams need at least two tokens; raise --decode-tokens")
-    per_stream = [(s[-1] - s[0]) / (tokens - 1) for s in streams if len(s) >= 2]
-    if not per_stream:
+    timed = [s for s in streams if len(s) >= 2]
+    if not timed:
         raise ProfileError("decode streams produced fewer than two chunks; raise --decode-tokens")
+    # A stream whose tokens all arrived at one instant shows nothing of the step time (the API server or the
+    # client was descheduled for its whole decode, as on an overloaded host): leave it out.
+    per_stream = [(s[-1] - s[0]) / (tokens - 1) for s in timed if s[-1] > s[0]]
+    if not per_stream:
+        raise CoalescedStreams("every decode stream arrived in one burst; the step time is not visible")
     return float(statistics.median(per_stream))
+
+
+class CoalescedStreams(ProfileError):
+    """All tokens of every stream arrived at once."""
 
 
 # --------------------------------------------------------------------------------------- fitting
@@ -302,6 +321,8 @@ def build_fitted(samples: Samples, kv_bytes_per_token: int, kv_capacity: int, tp
         link = LinkCoefficients(200e-6, assume_link_gbps * 1e9)
         link_source = f"assumed {assume_link_gbps:g} GB/s"
     layout = Layout(tp=tp)
+    if samples.skipped:
+        meta = {**meta, "skipped": list(samples.skipped)}
     meta = {**meta, "fit": report, "link_source": link_source,
             "samples": {"prefill": [list(s) for s in samples.prefill], "decode": [list(s) for s in samples.decode],
                         "transfer": [list(s) for s in samples.transfer]}}
@@ -390,7 +411,7 @@ async def run_serving(endpoints: Sequence[str], fitted: FittedCostModel, grid: G
                                                                                grid.repeats, session)
             terms = terms.replace(router_s=serving_probe.fit_router_hop(raw["router_local"]))
             tick("router hop")
-            if len(endpoints) < 2 or fitted.meta.get("link_source") != "measured":
+            if len(endpoints) < 2 or not fitted.meta.get("samples", {}).get("transfer"):
                 notes.append("remote-round costs not measured (needs two endpoints running the ampd connector)")
                 return terms, raw, notes
             with serving_probe.RouterProcess(["--policy", "disagg", "--kv-connector", "ampd", "--prefill", endpoints[0],

