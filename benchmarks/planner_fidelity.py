@@ -123,7 +123,12 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="working directory (default: a temporary one)")
     ap.add_argument("--skip-ampd", action="store_true", help="only the candidates without the ampd connector")
+    ap.add_argument("--resimulate", nargs="+", metavar="FIDELITY_JSON",
+                    help="no engines: re-simulate the measurements of earlier runs with --profile and print them")
+    ap.add_argument("--profile", help="fitted cost model for --resimulate")
     args = ap.parse_args()
+    if args.resimulate:
+        return resimulate(args)
     if args.quick:
         args.sessions, args.repeats = min(args.sessions, 14), 1
     if not in_isolated_netns():
@@ -176,8 +181,35 @@ def main() -> int:
 
     print(f"load at end: {uptime()}")
     print_rows(rows, args)
-    (work / "fidelity.json").write_text(json.dumps(rows, indent=1))
+    (work / "fidelity.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(f"raw results: {work / 'fidelity.json'}")
+    return 0
+
+
+def resimulate(args) -> int:
+    """Simulate again, with `--profile`, the (candidate, rate) points that earlier runs measured."""
+    if not args.profile:
+        print("--resimulate needs --profile FIT.yaml", file=sys.stderr)
+        return 2
+    cm = FittedCostModel.from_yaml(args.profile)
+    print("serving terms:", json.dumps(cm.serving))
+    specs = {c[0]: c for c in CANDIDATES}
+    rows, cache, rep_offset = [], {}, 0
+    for path in args.resimulate:
+        data = json.loads(Path(path).read_text())
+        run_args = argparse.Namespace(**{**vars(args), **data.get("args", {})}) if isinstance(data, dict) else args
+        measured = data["rows"] if isinstance(data, dict) else data
+        for r in measured:
+            name, policy, connector, n_p, n_d = specs[r["candidate"]]
+            key = (name, r["rate"], run_args.sessions)
+            if key not in cache:
+                engine_only = ServingTerms.for_model(cm).replace(router_s=0.0, remote_s=0.0, export_s=0.0,
+                                                                 frontend_s=0.0)
+                cache[key] = (pick(simulated(cm, n_p, n_d, policy, connector, r["rate"], run_args)),
+                              pick(simulated(cm, n_p, n_d, policy, connector, r["rate"], run_args, engine_only)))
+            rows.append({**r, "rep": r["rep"] + rep_offset, "sim": cache[key][0], "engine_only": cache[key][1]})
+        rep_offset = max(r["rep"] for r in rows) + 1
+    print_rows(rows, args)
     return 0
 
 
