@@ -125,7 +125,9 @@ def allocations(cost, gpus: int, tps: tuple[int, ...], colocated: bool) -> list[
 
 def run(cost, dep, workload, rate, n, policy, params, ttft, itl, seed=0) -> dict:
     sessions = generate(workload, n, rate, seed)
-    result = simulate(dep, sessions, policy, cost, ttft_slo=ttft, itl_slo=itl, seed=seed, policy_params=params)
+    # A deployment without a prefill pool runs its router with no KV connector (as `plan` emits it).
+    result = simulate(dep, sessions, policy, cost, ttft_slo=ttft, itl_slo=itl, seed=seed, policy_params=params,
+                      kv_connector="ampd" if dep.prefill.count else "none")
     return result.summary(ttft, itl)
 
 
