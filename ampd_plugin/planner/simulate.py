@@ -106,8 +106,9 @@ class _Decode(_Worker):
 class _Simulator:
     def __init__(self, deployment: Deployment, sessions: Sequence[Session], runner: PolicyRunner, cost_model: Any,
                  progress: Callable[[int, int], None] | None, terms: ServingTerms, kv_connector: str,
-                 session_ttl_s: float) -> None:
+                 session_ttl_s: float, count_inflight: bool) -> None:
         self.cost = cost_model
+        self.count_inflight = count_inflight
         self.runner = runner
         self.progress = progress
         self.terms = terms
@@ -213,6 +214,8 @@ class _Simulator:
             route = self.maybe_migrate(r, task, d) or self.runner.route_prefill(task, self.cluster)
         r.route, r.worker = route.kind, route.worker
         self.counters[route.kind] += 1
+        if self.count_inflight:  # the round's KV counts from the moment it is sent
+            self.router_account(st, st.decode, need)
         if not self.reserve(st.decode, st):
             self.counters["memory_waits"] += 1
             st.decode.mem_wait.append(r)
@@ -498,6 +501,7 @@ def simulate(
     serving: ServingTerms | None = None,
     kv_connector: str = "ampd",
     session_ttl_s: float = ROUTER_SESSION_TTL_S,
+    count_inflight: bool = False,
 ) -> SimResult:
     """Run `workload` on `deployment` under `policy` (a registered name or a ready PolicyRunner).
 
@@ -505,6 +509,8 @@ def simulate(
     `policy_params`. `progress(done_sessions, total)` is called every 256 finished sessions.
     `serving` overrides the cost model's serving-path terms (`ServingTerms.for_model`); `kv_connector`
     "none" runs every prefill locally with no migration, as the router does without a connector.
+    `session_ttl_s` and `count_inflight` set the router's KV accounting (today: finished sessions counted for
+    1,800 s, a round counted only once it ends; `count_inflight=True` counts it from when it is sent).
     """
     if ttft_slo <= 0 or itl_slo <= 0:
         raise ValueError(f"SLOs must be positive, got ttft_slo={ttft_slo}, itl_slo={itl_slo}")
@@ -518,7 +524,8 @@ def simulate(
         runner = load_policy(policy, cost_model, **{**base, **(policy_params or {})})
     terms = serving if serving is not None else ServingTerms.for_model(cost_model)
     started = time.perf_counter()
-    sim = _Simulator(deployment, list(workload), runner, cost_model, progress, terms, kv_connector, session_ttl_s)
+    sim = _Simulator(deployment, list(workload), runner, cost_model, progress, terms, kv_connector, session_ttl_s,
+                     count_inflight)
     sim.run()
     if progress is not None:
         progress(sim.done_sessions, len(sim.sessions))
