@@ -123,7 +123,7 @@ def allocations(cost, gpus: int, tps: tuple[int, ...], colocated: bool) -> list[
     return out
 
 
-ROUTER = {"count_inflight": False}  # the router's KV accounting (--count-inflight: as the router will do)
+ROUTER: dict = {"count_inflight": False}  # the router's KV accounting (see --count-inflight, --session-ttl)
 
 
 def run(cost, dep, workload, rate, n, policy, params, ttft, itl, seed=0) -> dict:
@@ -149,8 +149,12 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="comma-separated workloads to run")
     ap.add_argument("--count-inflight", action="store_true",
                     help="router KV accounting counts rounds in flight (today's router counts a round when it ends)")
+    ap.add_argument("--session-ttl", type=float, default=None,
+                    help="seconds the router counts a finished session's KV (today 1800; the connector pins 300)")
     args = ap.parse_args()
     ROUTER["count_inflight"] = args.count_inflight
+    if args.session_ttl is not None:
+        ROUTER["session_ttl_s"] = args.session_ttl
     cost = build_cost_model(MODEL, GPU)
     started = time.perf_counter()
     report = {}
