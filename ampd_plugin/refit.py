@@ -27,8 +27,8 @@ from typing import Any, Iterable, Literal
 
 import numpy as np
 
-from ampd_plugin.costmodel import (DecodeCoefficients, FittedCostModel, LinkCoefficients, PrefillCoefficients)
-from ampd_plugin.router_policy.state import Layout
+from ampd_plugin.costmodel import (DecodeCoefficients, FittedCostModel, Layout, LinkCoefficients,
+                                   PrefillCoefficients)
 
 log = logging.getLogger("ampd.costmodel.refit")
 

@@ -166,7 +166,7 @@ def fit_remote(cost_model, terms: ServingTerms, samples: Sequence[tuple[int, int
     """(remote_s, export_s): the zero-load simulation of each measured session with every other term, and
     the median of what it leaves unexplained (round 1: the remote call; round 2 beyond it: the export)."""
     from ampd_plugin.planner.simulate import Deployment, Pool, simulate
-    from ampd_plugin.router_policy.state import Layout
+    from ampd_plugin.costmodel import Layout
     from ampd_plugin.workload import Round, Session
 
     base = terms.replace(remote_s=0.0, export_s=0.0)

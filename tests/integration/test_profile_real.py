@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from ampd_plugin.costmodel import FittedCostModel
+from ampd_plugin.costmodel import FittedCostModel, Layout
 from ampd_plugin.planner.profile import profile
-from ampd_plugin.costmodel import Layout
 from ampd_plugin.planner.serving import ServingTerms
 
 pytestmark = pytest.mark.integration

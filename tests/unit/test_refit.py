@@ -5,10 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ampd_plugin.costmodel import (DecodeCoefficients, FittedCostModel, LayoutCoefficients, LinkCoefficients,
+from ampd_plugin.costmodel import (DecodeCoefficients, FittedCostModel, Layout, LayoutCoefficients, LinkCoefficients,
                                    PrefillCoefficients, RooflineCostModel)
 from ampd_plugin.refit import Bounds, Observation, refit
-from ampd_plugin.router_policy.state import Layout
 
 L = Layout(1)
 

@@ -6,10 +6,10 @@ import heapq
 
 import pytest
 
+from ampd_plugin.costmodel import Layout
 from ampd_plugin.planner.engine_sim import Engine, Job
 from ampd_plugin.planner.serving import ServingTerms
 from ampd_plugin.planner.simulate import Deployment, simulate
-from ampd_plugin.router_policy.state import Layout
 from ampd_plugin.workload import Round, Session
 
 from policy_fakes import FakeCost
