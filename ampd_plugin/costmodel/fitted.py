@@ -73,6 +73,8 @@ class FittedCostModel(CostModel):
     gpu: str = ""
     meta: dict[str, Any] = field(default_factory=dict)
     fallback: CostModel | None = None
+    # Serving-path terms measured by `profile` (router hop, front end, token budget; see planner.serving).
+    serving: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token <= 0:
@@ -140,6 +142,7 @@ class FittedCostModel(CostModel):
                 for c in self.layouts.values()
             ],
             "links": {name: _floats(asdict(link)) for name, link in self.links.items()},
+            **({"serving": dict(self.serving)} if self.serving else {}),
             "meta": dict(self.meta),
         }
 
@@ -178,7 +181,8 @@ class FittedCostModel(CostModel):
                     raise ValueError(f"{source}: links.{name}.bandwidth_bytes_per_s must be positive")
             return cls(kv_bytes_per_token=int(data["kv_bytes_per_token"]), layouts=layouts, links=links,
                        model=str(data.get("model", "")), gpu=str(data.get("gpu", "")),
-                       meta=dict(data.get("meta") or {}), fallback=fallback)
+                       meta=dict(data.get("meta") or {}), fallback=fallback,
+                       serving=dict(data.get("serving") or {}))
         except KeyError as exc:
             raise ValueError(f"{source}: missing field {exc.args[0]!r}") from None
         except (TypeError, AttributeError) as exc:

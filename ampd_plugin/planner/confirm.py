@@ -30,9 +30,11 @@ def make_simulator(req: PlanRequest, workload: str, sessions: int, seed: int = 0
             pools.append(Pool(k, Layout(tp=n)))
         intra = cand.placement.intra_node_fraction if cand.placement else None
         cm = LinkPricing(req.cost_model, intra_node_fraction=intra, link_gbps=link_gbps, net_gbps=net_gbps)
+        # As emitted: a deployment without a prefill pool runs its router with no KV connector.
+        connector = "ampd" if pools[0].count else "none"
         result = simulate(Deployment(pools[0], pools[1]), load_workload(workload, sessions, rate, seed),
                           req.policy, cm, ttft_slo=req.ttft_slo, itl_slo=req.itl_slo, seed=seed,
-                          policy_params=policy_params)
+                          policy_params=policy_params, kv_connector=connector)
         return result.summary(req.ttft_slo, req.itl_slo)
 
     return run

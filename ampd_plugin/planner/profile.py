@@ -38,6 +38,8 @@ from rich.table import Table
 from ampd_plugin.costmodel import (FittedCostModel, Layout, LayoutCoefficients, LinkCoefficients, fit_decode,
                                    fit_link, fit_prefill, load_model_spec)
 from ampd_plugin.loadtest.stream import SSEStreamParser, StreamError
+from ampd_plugin.planner import profile_serving as serving_probe
+from ampd_plugin.planner.serving import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, ServingTerms
 
 TOKEN_LOW, TOKEN_HIGH = 10, 250  # ids valid in any vocabulary of ≥ 256 tokens
 
@@ -67,6 +69,7 @@ class Samples:
     prefill: list[tuple[int, int, float]] = field(default_factory=list)  # (l_hist, l_incr, seconds)
     decode: list[tuple[int, int, float]] = field(default_factory=list)  # (batch, context_tokens, seconds)
     transfer: list[tuple[int, float]] = field(default_factory=list)  # (tokens, seconds)
+    skipped: list[str] = field(default_factory=list)  # grid points that could not be measured, and why
 
 
 # --------------------------------------------------------------------------------------- engine client
@@ -94,22 +97,25 @@ class Engine:
         self.model = models[0].get("id")
         self.root = models[0].get("root") or self.model
 
-    def body(self, ids: list[int], max_tokens: int, stream: bool, kv: dict | None = None) -> dict:
+    def body(self, ids: list[int], max_tokens: int, stream: bool, kv: dict | None = None,
+             extra: dict | None = None) -> dict:
         body: dict[str, Any] = {"model": self.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
-                                "ignore_eos": True, "stream": stream}
+                                "ignore_eos": True, "stream": stream, **(extra or {})}
         if kv is not None:
             body["kv_transfer_params"] = kv
         return body
 
-    async def complete(self, ids: list[int], max_tokens: int = 1, kv: dict | None = None) -> dict:
+    async def complete(self, ids: list[int], max_tokens: int = 1, kv: dict | None = None,
+                       headers: dict | None = None, extra: dict | None = None) -> dict:
         """Non-streaming completion; returns the JSON body."""
-        async with self.http.post(f"{self.url}/v1/completions", json=self.body(ids, max_tokens, False, kv),
-                                  timeout=self.timeout) as resp:
+        async with self.http.post(f"{self.url}/v1/completions", json=self.body(ids, max_tokens, False, kv, extra),
+                                  headers=headers, timeout=self.timeout) as resp:
             if resp.status != 200:
                 raise ProfileError(f"{self.url}/v1/completions answered HTTP {resp.status}: {(await resp.text())[:300]}")
             return await resp.json()
 
-    async def stream(self, ids: list[int], max_tokens: int, kv: dict | None = None) -> list[float]:
+    async def stream(self, ids: list[int], max_tokens: int, kv: dict | None = None,
+                     headers: dict | None = None) -> list[float]:
         """Streamed completion; returns the arrival time (perf_counter, relative to send) of every token chunk.
 
         Parsed by the load test's SSE parser, so profile and load test time tokens the same way.
@@ -117,7 +123,7 @@ class Engine:
         t0 = time.perf_counter()
         parser = SSEStreamParser(t_sent=t0)
         async with self.http.post(f"{self.url}/v1/completions", json=self.body(ids, max_tokens, True, kv),
-                                  timeout=self.timeout) as resp:
+                                  headers=headers, timeout=self.timeout) as resp:
             if resp.status != 200:
                 raise ProfileError(f"{self.url}/v1/completions answered HTTP {resp.status}: {(await resp.text())[:300]}")
             try:
@@ -206,9 +212,18 @@ class Profiler:
         n_out = self.grid.decode_tokens
         for batch in self.grid.batches:
             for ctx in self.grid.contexts:
-                streams = await asyncio.gather(*(engine.stream(self.fresh(ctx), n_out) for _ in range(batch)))
-                step = steady_step_time(streams, n_out)
-                samples.decode.append((batch, batch * (ctx + n_out // 2), step))
+                step = None
+                for _ in range(self.grid.repeats + 1):  # a starved API server may deliver a stream at once
+                    streams = await asyncio.gather(*(engine.stream(self.fresh(ctx), n_out) for _ in range(batch)))
+                    try:
+                        step = steady_step_time(streams, n_out)
+                        break
+                    except CoalescedStreams:
+                        continue
+                if step is not None:
+                    samples.decode.append((batch, batch * (ctx + n_out // 2), step))
+                else:
+                    samples.skipped.append(f"decode batch={batch} ctx={ctx}: every stream arrived in one burst")
                 self.tick(f"decode batch={batch} ctx={ctx}")
 
     async def transfer(self, prefill: Engine, decode: Engine, samples: Samples, kv_bytes_per_token: int) -> str | None:
@@ -260,10 +275,19 @@ def steady_step_time(streams: Sequence[Sequence[float]], tokens: int) -> float:
     tokens into one chunk or the client reads a burst of chunks at once."""
     if tokens < 2:
         raise ProfileError("decode streams need at least two tokens; raise --decode-tokens")
-    per_stream = [(s[-1] - s[0]) / (tokens - 1) for s in streams if len(s) >= 2]
-    if not per_stream:
+    timed = [s for s in streams if len(s) >= 2]
+    if not timed:
         raise ProfileError("decode streams produced fewer than two chunks; raise --decode-tokens")
+    # A stream whose tokens all arrived at one instant shows nothing of the step time (the API server or the
+    # client was descheduled for its whole decode, as on an overloaded host): leave it out.
+    per_stream = [(s[-1] - s[0]) / (tokens - 1) for s in timed if s[-1] > s[0]]
+    if not per_stream:
+        raise CoalescedStreams("every decode stream arrived in one burst; the step time is not visible")
     return float(statistics.median(per_stream))
+
+
+class CoalescedStreams(ProfileError):
+    """All tokens of every stream arrived at once."""
 
 
 # --------------------------------------------------------------------------------------- fitting
@@ -297,6 +321,8 @@ def build_fitted(samples: Samples, kv_bytes_per_token: int, kv_capacity: int, tp
         link = LinkCoefficients(200e-6, assume_link_gbps * 1e9)
         link_source = f"assumed {assume_link_gbps:g} GB/s"
     layout = Layout(tp=tp)
+    if samples.skipped:
+        meta = {**meta, "skipped": list(samples.skipped)}
     meta = {**meta, "fit": report, "link_source": link_source,
             "samples": {"prefill": [list(s) for s in samples.prefill], "decode": [list(s) for s in samples.decode],
                         "transfer": [list(s) for s in samples.transfer]}}
@@ -349,6 +375,59 @@ async def run_profile(endpoints: Sequence[str], grid: Grid, seed: int, timeout_s
     return samples, info
 
 
+async def run_serving(endpoints: Sequence[str], fitted: FittedCostModel, grid: Grid, seed: int, timeout_s: float,
+                      token_budget: int, via_router: bool, log_dir: Path,
+                      tick: Callable[[str], None]) -> tuple[ServingTerms, dict, list[str]]:
+    """The serving-path terms (`profile_serving`): front end directly, router hop and remote-round costs
+    through a router this function starts. Returns the terms, their raw samples and notes on what was
+    not measured."""
+    import itertools
+
+    prof = Profiler(grid, seed + 1, tick)
+    raw: dict[str, Any] = {}
+    notes: list[str] = []
+    ids = itertools.count()
+    session = lambda: f"ampd-profile-{seed}-{next(ids)}"  # noqa: E731
+    async with aiohttp.ClientSession() as http:
+        first = Engine(endpoints[0], http, timeout_s)
+        await first.discover()
+        raw["frontend"] = await serving_probe.measure_frontend(first, prof.fresh, grid.repeats)
+        tick("front end")
+        terms = ServingTerms(token_budget=token_budget, router_s=0.0, remote_s=0.0, export_s=0.0,
+                             frontend_s=serving_probe.fit_frontend(raw["frontend"]), frontend_in_t_pre=True)
+        if not via_router:
+            return terms, raw, ["router hop and remote-round costs not measured (--no-via-router)"]
+        hists = grid.aligned_hist()
+        incr = sorted(grid.incr)[len(grid.incr) // 2]
+        shapes = [(0, incr)] + ([(hists[-1], incr)] if hists[-1] else [])
+        provisional = serving_probe.provisional_profile(fitted)
+        slo_args = ["--profile", str(provisional), "--ttft-slo", "60", "--itl-slo", "60"]
+        try:
+            with serving_probe.RouterProcess(["--policy", "colocated", "--kv-connector", "none",
+                                              "--decode", endpoints[0], *slo_args], log_dir, "profile-router-local") as r:
+                via = Engine(r.url, http, timeout_s)
+                await via.discover()
+                raw["router_local"] = await serving_probe.measure_router_local(first, via, prof.fresh, shapes,
+                                                                               grid.repeats, session)
+            terms = terms.replace(router_s=serving_probe.fit_router_hop(raw["router_local"]))
+            tick("router hop")
+            if len(endpoints) < 2 or not fitted.meta.get("samples", {}).get("transfer"):
+                notes.append("remote-round costs not measured (needs two endpoints running the ampd connector)")
+                return terms, raw, notes
+            with serving_probe.RouterProcess(["--policy", "disagg", "--kv-connector", "ampd", "--prefill", endpoints[0],
+                                              "--decode", endpoints[1], *slo_args], log_dir, "profile-router-remote") as r:
+                via = Engine(r.url, http, timeout_s)
+                await via.discover()
+                raw["router_remote"] = await serving_probe.measure_router_remote(
+                    via, prof.fresh, [(max(hists[-1], incr), incr)], grid.repeats, session)
+            remote_s, export_s = serving_probe.fit_remote(fitted, terms, raw["router_remote"])
+            terms = terms.replace(remote_s=remote_s, export_s=export_s)
+            tick("remote round")
+        finally:
+            provisional.unlink(missing_ok=True)
+    return terms, raw, notes
+
+
 def _ints(_ctx, _param, value: str) -> tuple[int, ...]:
     try:
         out = tuple(int(v) for v in value.split(",") if v.strip())
@@ -382,8 +461,15 @@ def _ints(_ctx, _param, value: str) -> tuple[int, ...]:
 @click.option("--links", default="net,nvlink", show_default=True, help="Link names the transfer fit is stored under.")
 @click.option("--timeout", "timeout_s", type=float, default=300.0, show_default=True, help="Per-request timeout (s).")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-num-batched-tokens", "token_budget", type=int,
+              help="The engine's step token budget (vLLM max_num_batched_tokens); default vLLM's: "
+                   f"{CPU_TOKEN_BUDGET} with --device cpu, else {GPU_TOKEN_BUDGET}.")
+@click.option("--via-router/--no-via-router", default=True, show_default=True,
+              help="Also time rounds through `ampd-plugin route` (started here on 127.0.0.1) for the router hop "
+                   "and, with two ampd endpoints, the remote round's extra call and history export.")
 def profile(endpoints, out_path, model_spec, tp, device, hist, incr, batches, contexts, transfer_sizes, decode_tokens,
-            repeats, block_size, kv_bytes_per_token, kv_capacity_tokens, assume_link_gbps, links, timeout_s, seed):
+            repeats, block_size, kv_bytes_per_token, kv_capacity_tokens, assume_link_gbps, links, timeout_s, seed,
+            token_budget, via_router):
     """Measure a running vLLM/SGLang engine and fit T_pre, T_dec (and T_kv) for `plan --profile`."""
     if decode_tokens < 3 or repeats < 1 or block_size < 1 or tp < 1:
         raise click.UsageError("--decode-tokens ≥ 3, --repeats ≥ 1, --block-size ≥ 1 and --tp ≥ 1 are required")
@@ -391,7 +477,7 @@ def profile(endpoints, out_path, model_spec, tp, device, hist, incr, batches, co
         raise click.UsageError("--incr, --batches and --contexts values must be ≥ 1")
     link_names = [n.strip() for n in links.split(",") if n.strip()]
     grid = Grid(hist, incr, batches, contexts, transfer_sizes, decode_tokens, repeats, block_size)
-    total = len(grid.aligned_hist()) * len(incr) * repeats + len(batches) * len(contexts)
+    total = len(grid.aligned_hist()) * len(incr) * repeats + len(batches) * len(contexts) + 1 + 2 * via_router
     if len(endpoints) >= 2:
         total += len(transfer_sizes) * repeats
     console = Console(stderr=True)
@@ -412,6 +498,23 @@ def profile(endpoints, out_path, model_spec, tp, device, hist, incr, batches, co
                                       link_names, assume_link_gbps, meta)
     except (ProfileError, ValueError) as exc:
         raise click.ClickException(str(exc))
+    if token_budget is None:
+        token_budget = CPU_TOKEN_BUDGET if device.lower() == "cpu" else GPU_TOKEN_BUDGET
+    if token_budget < 1:
+        raise click.UsageError("--max-num-batched-tokens must be >= 1")
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("serving path", total=1 + 2 * via_router)
+        try:
+            terms, raw, notes = asyncio.run(run_serving(
+                endpoints, fitted, grid, seed, timeout_s, token_budget, via_router, Path(out_path).resolve().parent,
+                lambda msg: progress.update(task, advance=1, description=msg)))
+        except (ProfileError, RuntimeError, ValueError, asyncio.TimeoutError) as exc:
+            raise click.ClickException(f"serving-path measurement failed: {exc or 'timeout'}")
+    fitted.serving = terms.to_dict()
+    fitted.meta["samples"]["serving"] = {k: [list(x) for x in v] for k, v in raw.items()}
+    if notes:
+        fitted.meta["serving_notes"] = notes
     fitted.to_yaml(out_path)
     print_report(fitted, report, info, Console())
     Console().print(f"wrote {Path(out_path)}")
@@ -436,3 +539,10 @@ def print_report(fitted: FittedCostModel, report: dict, info: dict, console: Con
     skipped = info.get("transfer_skipped") or fitted.meta.get("transfer_skipped")
     if skipped:
         console.print(f"[yellow]KV transfer not fitted:[/yellow] {skipped}")
+    if fitted.serving:
+        t = fitted.serving
+        console.print(f"serving path: token budget {t['token_budget']}, front end {t['frontend_s'] * 1e3:.2f} ms/request, "
+                      f"router hop {t['router_s'] * 1e3:.2f} ms, remote call {t['remote_s'] * 1e3:.2f} ms, "
+                      f"history export {t['export_s'] * 1e3:.2f} ms")
+    for note in fitted.meta.get("serving_notes", []):
+        console.print(f"[yellow]{note}[/yellow]")

@@ -5,126 +5,46 @@ calls a `PolicyRunner` through the four calls the live router makes (bind_sessio
 order_queue, on_metrics) and keeps the same `ClusterState` (queues, running task, windowed TTFT/ITL,
 KV use, prefill-worker prefix caches) up to date from simulated events.
 
-Model (service times all come from the cost model):
-- Prefill workers run one prefill at a time, non-preemptively; before each dispatch the policy orders
-  the queue. A remote prefill first reads the history the worker does not cache from the decode worker
-  (t_kv d→p), computes the increment (t_pre), then pushes the increment back (t_kv p→d); the first token
-  is out when the increment lands on the decode worker. The worker keeps an LRU prefix cache of the
-  prompts it prefilled (bounded by its KV capacity).
-- Decode workers batch continuously: a step of `b` running rounds reading `ctx` KV tokens takes
-  t_dec(b, ctx). A local prefill waits for the current step, then runs before the next step (prefill is
-  prioritised over decode, as in vLLM), pausing the whole batch.
-- Each decode worker holds its sessions' KV between rounds (tool delays). A round reserves the KV it
-  will need when it is sent; when memory runs out the least recently used idle session is evicted, and
-  its next round re-prefills the whole context with l_hist = 0, as the real system must. A round that
-  does not fit even after evicting every idle session waits for memory.
-- TTFT of a round = first token − send time (initial and incremental prefills alike); ITL = its TPOT.
-Everything is deterministic for a given workload and policy seed (heap ties break by insertion order).
+What it mirrors of the router (`router_policy/server.py`, `queues.py`):
+- a round reaches the router after its hop (`ServingTerms.router_s`); the router's view of the history is
+  what it accounted at the end of the session's last round (prompt + output on the bound worker); with no
+  KV connector every prefill is local; otherwise context migration under KV pressure (`maybe_migrate`,
+  the router's `_maybe_migrate` rule on its own accounting, which keeps a finished session counted for the
+  session TTL) comes before the policy's route;
+- per-worker prefill queues ordered by the policy, `prefill_slots`/`local_prefill_slots` in flight; a prefill
+  worker's slot is freed when its answer reaches the router, a local one at the first token;
+- remote round: P's front end, the history P lacks read from D (after D *exports* it: a request through D's
+  front end and one D step, plus `export_s`), P's prefill, then `remote_s` (P's answer, the router's call to
+  D), D's front end, D reads the increment's KV and computes the last position; local round: D's front end
+  (a migrated round first reads the history from the old worker), then D's engine.
+What it models of the engines (`engine_sim.Engine`): vLLM V1 steps under a token budget — decode tokens plus
+prefill chunks per step, so a local prefill slows the batch's steps instead of pausing it, and a prefill
+worker batches prefills; one FIFO API front end per worker (`frontend_s` per request); KV memory of running
+rounds and cached histories, idle histories evicted LRU under pressure (the next round recomputes them,
+as vLLM's prefix cache does), a round that cannot fit waits for memory.
+TTFT of a round = its first token − the client's send time; the policy gets the sample at that moment,
+for the worker that prefilled; ITL = the round's TPOT (`slo.tpot`), one sample per round, as the router
+records it. Everything is deterministic for a given workload and policy seed (heap ties break by insertion
+order).
 """
 
 from __future__ import annotations
 
 import heapq
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ampd_plugin import slo
+from ampd_plugin.planner.deployment import Deployment, Pool, SimResult, parse_pool  # noqa: F401 (re-exported)
+from ampd_plugin.planner.engine_sim import Engine, Job
+from ampd_plugin.planner.serving import ServingTerms
 from ampd_plugin.router_policy.registry import PolicyRunner, load_policy, policy_class
 from ampd_plugin.router_policy.registry import policy_params as accepted_params
-from ampd_plugin.costmodel import Layout
-from ampd_plugin.router_policy.state import DECODE, PREFILL, ClusterState, PrefillTask, SessionInfo, WorkerState
+from ampd_plugin.router_policy.state import (DECODE, PREFILL, ClusterState, PrefillTask, Route, SessionInfo,
+                                             WorkerState)
 from ampd_plugin.workload import Session
-
-_POOL_RE = re.compile(r"^\s*(\d+)\s*(?:[xX]\s*(\d+))?\s*$")
-
-
-@dataclass(frozen=True)
-class Pool:
-    """`count` replicas of one layout."""
-
-    count: int
-    layout: Layout = Layout()
-
-    @property
-    def gpus(self) -> int:
-        return self.count * self.layout.devices
-
-    def __str__(self) -> str:
-        return f"{self.count}x{self.layout.tp}" + (f"x{self.layout.pp}pp" if self.layout.pp > 1 else "")
-
-
-def parse_pool(text: str | int) -> Pool:
-    """'N' or 'NxTP' (e.g. '2x4' = two replicas of TP 4); ValueError on anything else."""
-    m = _POOL_RE.match(str(text))
-    if not m:
-        raise ValueError(f"bad pool {text!r}: expected N or NxTP, e.g. 2x4")
-    count, tp = int(m.group(1)), int(m.group(2) or 1)
-    if tp < 1:
-        raise ValueError(f"bad pool {text!r}: TP degree must be >= 1")
-    return Pool(count, Layout(tp=tp))
-
-
-@dataclass(frozen=True)
-class Deployment:
-    """Prefill pool + decode pool. A co-located deployment has no prefill pool (count 0)."""
-
-    prefill: Pool
-    decode: Pool
-
-    @classmethod
-    def parse(cls, prefill: str | int, decode: str | int) -> "Deployment":
-        return cls(parse_pool(prefill), parse_pool(decode))
-
-    @property
-    def gpus(self) -> int:
-        return self.prefill.gpus + self.decode.gpus
-
-    def __str__(self) -> str:
-        if self.prefill.count == 0:
-            return f"D {self.decode} (co-located)"
-        return f"P {self.prefill} + D {self.decode}"
-
-    def to_dict(self) -> dict:
-        return {
-            "prefill": {"replicas": self.prefill.count, "tp": self.prefill.layout.tp, "pp": self.prefill.layout.pp},
-            "decode": {"replicas": self.decode.count, "tp": self.decode.layout.tp, "pp": self.decode.layout.pp},
-            "gpus": self.gpus,
-        }
-
-
-@dataclass
-class SimResult:
-    """What a run produced: one record per round, plus counters (events, evictions, ...)."""
-
-    records: list[slo.RoundRecord]
-    counters: dict[str, float]
-    deployment: Deployment
-    policy: str
-    wall_s: float = 0.0
-
-    @property
-    def events(self) -> int:
-        return int(self.counters["events"])
-
-    def summary(self, ttft_slo: float, itl_slo: float) -> dict:
-        """`slo.summarize` plus deployment, policy and counters (the `simulate --json` object)."""
-        out = slo.summarize(self.records, ttft_slo, itl_slo)
-        out.update(
-            policy=self.policy,
-            deployment=self.deployment.to_dict(),
-            ttft_slo=ttft_slo,
-            itl_slo=itl_slo,
-            sessions=len({r.session_id for r in self.records}),
-            evictions=int(self.counters["evictions"]),
-            events=self.events,
-            simulated_s=self.counters["simulated_s"],
-            wall_s=self.wall_s,
-        )
-        return out
-
 
 # -- simulation state --------------------------------------------------------------------------------
 
@@ -134,15 +54,16 @@ class _Round:
     sess: "_Sess"
     index: int
     sent: float
-    l_hist: int
+    l_hist: int  # the router's view (what the policy is told)
     l_incr: int
     n_out: int
+    task: PrefillTask | None = None
     route: str = ""
     worker: str = ""
+    migrate_from: "_Decode | None" = None
     kv_bytes: int = 0
     t_first: float = 0.0
-    end_step: int = 0
-    ctx0: int = 0
+    computed: int = 0  # prompt tokens the prefilling engine really computed
 
 
 @dataclass
@@ -151,73 +72,88 @@ class _Sess:
     decode: "_Decode | None" = None
     context: int = 0  # tokens of the conversation so far (all earlier inputs and outputs)
     index: int = 0
-    evicted: bool = False
+    evicted: bool = False  # the engine dropped its cached history (engine truth; the router does not know)
     active: bool = False
+    router_tokens: int = 0  # what the router believes the bound decode worker holds for it
+    router_worker: "_Decode | None" = None
+    migrating: bool = False  # its history is being read from the previous decode worker
 
 
 @dataclass
-class _Prefill:
+class _Worker:
+    """A worker as the router sees it (queue, slots) plus its simulated engine."""
+
     ws: WorkerState
-    capacity: int
-    busy: bool = False
+    engine: Engine
+    slots: int
+    inflight: list = field(default_factory=list)
+
+
+@dataclass
+class _Prefill(_Worker):
+    capacity: int = 0
     cache_used: int = 0
 
 
 @dataclass
-class _Decode:
-    ws: WorkerState
-    busy: bool = False
-    step_no: int = 0
-    ctx_sum: int = 0
-    batch: list = field(default_factory=list)  # heap of (end_step, seq, _Round)
-    joining: list = field(default_factory=list)
-    last_step_end: float | None = None
-    resident: dict = field(default_factory=dict)  # session id -> KV tokens held
+class _Decode(_Worker):
+    kv_used: int = 0  # engine memory: running rounds + cached histories
+    resident: dict = field(default_factory=dict)  # session id -> KV tokens the engine holds
     idle: OrderedDict = field(default_factory=OrderedDict)  # evictable sessions, LRU first
     mem_wait: list = field(default_factory=list)
 
 
 class _Simulator:
     def __init__(self, deployment: Deployment, sessions: Sequence[Session], runner: PolicyRunner, cost_model: Any,
-                 progress: Callable[[int, int], None] | None) -> None:
+                 progress: Callable[[int, int], None] | None, terms: ServingTerms, kv_connector: str,
+                 session_ttl_s: float, count_inflight: bool) -> None:
         self.cost = cost_model
+        self.count_inflight = count_inflight
         self.runner = runner
         self.progress = progress
+        self.terms = terms
+        self.kv_connector = kv_connector
+        self.session_ttl_s = session_ttl_s
         self.kv_bytes_per_token = int(cost_model.kv_bytes_per_token)
         self.cluster = ClusterState()
         self.prefill: dict[str, _Prefill] = {}
         self.decode: dict[str, _Decode] = {}
+        self.workers: dict[str, _Worker] = {}
         window = runner.window_s
-        for i in range(deployment.prefill.count):
-            layout = deployment.prefill.layout
-            capacity = cost_model.kv_capacity_tokens(layout)
-            if capacity <= 0:
-                raise ValueError(f"prefill layout TP{layout.tp} cannot hold the model weights; use a larger TP")
-            ws = self.cluster.add_worker(WorkerState(f"p{i}", PREFILL, layout, window_s=window))
-            ws.cached_prefix = OrderedDict()
-            self.prefill[ws.worker_id] = _Prefill(ws, capacity)
-        for i in range(deployment.decode.count):
-            layout = deployment.decode.layout
-            capacity = cost_model.kv_capacity_tokens(layout)
-            if capacity <= 0:
-                raise ValueError(f"decode layout TP{layout.tp} cannot hold the model weights; use a larger TP")
-            ws = self.cluster.add_worker(WorkerState(f"d{i}", DECODE, layout, window_s=window,
-                                                     kv_capacity_tokens=capacity))
-            self.decode[ws.worker_id] = _Decode(ws)
+        for kind, pool, prefix in ((PREFILL, deployment.prefill, "p"), (DECODE, deployment.decode, "d")):
+            layout = pool.layout
+            capacity = cost_model.kv_capacity_tokens(layout) if pool.count else 0
+            if pool.count and capacity <= 0:
+                raise ValueError(f"{kind} layout TP{layout.tp} cannot hold the model weights; use a larger TP")
+            for i in range(pool.count):
+                engine = Engine(layout, cost_model, terms, self.at, self.clock)
+                if kind == PREFILL:
+                    ws = self.cluster.add_worker(WorkerState(f"{prefix}{i}", PREFILL, layout, window_s=window))
+                    ws.cached_prefix = OrderedDict()
+                    w = self.prefill[ws.worker_id] = _Prefill(ws, engine, terms.prefill_slots, capacity=capacity)
+                else:
+                    ws = self.cluster.add_worker(WorkerState(f"{prefix}{i}", DECODE, layout, window_s=window,
+                                                             kv_capacity_tokens=capacity))
+                    w = self.decode[ws.worker_id] = _Decode(ws, engine, terms.local_prefill_slots)
+                self.workers[ws.worker_id] = w
         if not self.decode:
             raise ValueError("a deployment needs at least one decode worker")
         self.sessions = list(sessions)
         self.heap: list = []
         self.seq = 0
         self.now = 0.0
+        self.last_round_end = 0.0
+        self.router_free_at = 0.0
         self.records: list[slo.RoundRecord] = []
         self.done_sessions = 0
-        self.counters = dict(events=0, evictions=0, reprefill_tokens=0, memory_waits=0, local=0, remote=0)
-        self._t_pre = cost_model.t_pre
-        self._t_dec = cost_model.t_dec
+        self.counters = dict(events=0, evictions=0, reprefill_tokens=0, memory_waits=0, local=0, remote=0,
+                             migrations=0, migrated_tokens=0)
         self._t_kv = cost_model.t_kv
 
     # -- event loop ----------------------------------------------------------------------------
+    def clock(self) -> float:
+        return self.now
+
     def at(self, t: float, fn: Callable, arg: Any) -> None:
         self.seq += 1
         heapq.heappush(self.heap, (t, self.seq, fn, arg))
@@ -235,7 +171,9 @@ class _Simulator:
             fn(arg)
             events += 1
         self.counters["events"] = events
-        self.counters["simulated_s"] = self.now
+        self.counters["simulated_s"] = self.last_round_end
+        for d in self.decode.values():
+            self.counters["mixed_steps"] = self.counters.get("mixed_steps", 0) + d.engine.mixed_steps
 
     # -- sessions and rounds -------------------------------------------------------------------
     def arrive(self, st: _Sess) -> None:
@@ -247,111 +185,282 @@ class _Simulator:
         self.send_round(st)
 
     def send_round(self, st: _Sess) -> None:
-        """The client sends round `st.index`: reserve KV on the decode worker, route, enqueue."""
+        """The client sends round `st.index`; the router (one process, first come first served) handles it
+        after its hop."""
+        self.router_free_at = max(self.now, self.router_free_at) + self.terms.router_s
+        self.at(self.router_free_at, self.route_round, (st, self.now))
+
+    def route_round(self, arg: tuple[_Sess, float]) -> None:
+        """The router's `_attempt`: its view of the history, migration under KV pressure, the policy's route."""
+        st, sent = arg
         d = st.decode
         rnd = st.session.rounds[st.index]
         sid = st.session.session_id
-        need = st.context + rnd.input_tokens + rnd.output_tokens
+        prompt = st.context + rnd.input_tokens
+        need = prompt + rnd.output_tokens
         if need > d.ws.kv_capacity_tokens:
             self.abort(st, f"context of {need} tokens exceeds the decode worker's KV capacity "
                            f"({d.ws.kv_capacity_tokens})")
             return
         st.active = True
-        if not self.reserve(d, st):
+        l_hist = min(st.router_tokens, prompt - 1) if st.router_worker is d else 0
+        r = _Round(st, st.index, sent, max(0, l_hist), prompt - max(0, l_hist), rnd.output_tokens)
+        task = PrefillTask(sid, st.index, r.l_hist, r.l_incr, self.now, decode_worker=d.ws.worker_id)
+        task.sim_round = r  # the simulator's own handle; policies never look at it
+        r.task = task
+        if self.kv_connector == "none":
+            route = Route("local", d.ws.worker_id, "no-kv-connector")
+        else:
+            route = self.maybe_migrate(r, task, d) or self.runner.route_prefill(task, self.cluster)
+        r.route, r.worker = route.kind, route.worker
+        self.counters[route.kind] += 1
+        if self.count_inflight:  # the round's KV counts from the moment it is sent
+            self.router_account(st, st.decode, need)
+        if not self.reserve(st.decode, st):
             self.counters["memory_waits"] += 1
-            d.mem_wait.append((st, self.now))
+            st.decode.mem_wait.append(r)
             return
-        self.start_round(st, self.now)
+        self.enqueue(r)
+
+    def maybe_migrate(self, r: _Round, task: PrefillTask, d: _Decode) -> Route | None:
+        """The router's context migration: the bound worker's free KV (by the router's own accounting)
+        is short of this round's increment plus its output → rebind to the live decode worker with the
+        most free KV that fits the history too; the new worker reads the history from the old one."""
+        ws = d.ws
+        if not (task.l_hist > 0 and ws.kv_capacity_tokens > 0):
+            return None
+        need = task.l_incr + r.n_out
+        if ws.kv_free_tokens >= need:
+            return None
+        others = [w for w in self.cluster.live_decode()
+                  if w.worker_id != ws.worker_id and w.kv_free_tokens >= need + task.l_hist]
+        if not others:
+            return None
+        new = self.decode[max(others, key=lambda w: w.kv_free_tokens).worker_id]
+        st = r.sess
+        sid = st.session.session_id
+        self.cluster.bindings[sid] = new.ws.worker_id
+        task.decode_worker = new.ws.worker_id
+        r.migrate_from = d
+        if st.evicted or sid not in d.resident:
+            st.evicted = True  # nothing left to read on the old worker
+        else:  # the engine state moves with the session
+            d.idle.pop(sid, None)
+            d.kv_used -= d.resident.pop(sid)
+            st.migrating = True
+        st.decode = new
+        self.counters["migrations"] += 1
+        self.counters["migrated_tokens"] += task.l_hist
+        return Route("local", new.ws.worker_id, f"migrate-from-{ws.worker_id}")
 
     def reserve(self, d: _Decode, st: _Sess) -> bool:
-        """Make room for the round's KV; if it cannot fit, the session gives up its own history too
+        """Engine memory for the round; if it cannot fit, the session gives up its own cached history too
         (so waiting sessions never hold memory another waiting session needs)."""
         sid = st.session.session_id
         rnd = st.session.rounds[st.index]
         need = st.context + rnd.input_tokens + rnd.output_tokens
         d.idle.pop(sid, None)  # never evict the session we are making room for
         if self.make_room(d, need - d.resident.get(sid, 0)):
+            self.hold(d, st, need)
             return True
         if sid in d.resident:
-            d.ws.kv_used_tokens -= d.resident.pop(sid)
+            d.kv_used -= d.resident.pop(sid)
             st.evicted = True
             self.counters["evictions"] += 1
-            return self.make_room(d, need)
+            if self.make_room(d, need):
+                self.hold(d, st, need)
+                return True
         return False
 
-    def start_round(self, st: _Sess, sent: float) -> None:
-        d = st.decode
+    def hold(self, d: _Decode, st: _Sess, need: int) -> None:
         sid = st.session.session_id
-        rnd = st.session.rounds[st.index]
-        need = st.context + rnd.input_tokens + rnd.output_tokens
-        d.ws.kv_used_tokens += need - d.resident.get(sid, 0)
+        if sid not in d.resident and st.context and not st.migrating:
+            st.evicted = True  # a session that arrives on this worker without its history here
+        d.kv_used += need - d.resident.get(sid, 0)
         d.resident[sid] = need
-        if st.evicted:  # the history is gone: prefill the whole context again
-            l_hist, l_incr = 0, st.context + rnd.input_tokens
-            self.counters["reprefill_tokens"] += st.context
-            st.evicted = False
-        else:
-            l_hist, l_incr = st.context, rnd.input_tokens
-        r = _Round(st, st.index, sent, l_hist, l_incr, rnd.output_tokens)
-        task = PrefillTask(sid, st.index, l_hist, l_incr, sent, decode_worker=d.ws.worker_id)
-        task.sim_round = r  # the simulator's own handle; policies never look at it
-        route = self.runner.route_prefill(task, self.cluster)
-        r.route, r.worker = route.kind, route.worker
-        self.counters[route.kind] += 1
-        if route.kind == "remote":
-            p = self.prefill[route.worker]
-            p.ws.queue.append(task)
-            if not p.busy:
-                self.dispatch_prefill(p)
-        else:
-            d.ws.queue.append(task)
-            if not d.busy:
-                self.kick(d)
 
     def make_room(self, d: _Decode, extra: int) -> bool:
         """Evict idle sessions (LRU first) until `extra` tokens fit; False if they cannot."""
-        ws = d.ws
-        while ws.kv_used_tokens + extra > ws.kv_capacity_tokens:
+        while d.kv_used + extra > d.ws.kv_capacity_tokens:
             if not d.idle:
                 return False
             victim_id, victim = d.idle.popitem(last=False)
-            ws.kv_used_tokens -= d.resident.pop(victim_id)
+            d.kv_used -= d.resident.pop(victim_id)
             victim.evicted = True
             self.counters["evictions"] += 1
         return True
 
     def retry_memory(self, d: _Decode) -> None:
         while d.mem_wait:
-            st, sent = d.mem_wait[0]
-            if not self.reserve(d, st):
+            r = d.mem_wait[0]
+            if not self.reserve(d, r.sess):
                 return
             d.mem_wait.pop(0)
-            self.start_round(st, sent)
+            self.enqueue(r)
 
-    def finish_round(self, r: _Round, t_last: float) -> None:
+    # -- the router's prefill queues (queues.PrefillQueues) -------------------------------------
+    def enqueue(self, r: _Round) -> None:
+        w = self.workers[r.worker]
+        r.task.enqueue_time = self.now
+        w.ws.queue.append(r.task)
+        self.dispatch(w)
+
+    def dispatch(self, w: _Worker) -> None:
+        ws = w.ws
+        while ws.queue and len(w.inflight) < w.slots:
+            if len(ws.queue) > 1:
+                self.runner.order_queue(ws, self.now)
+            task = ws.queue.pop(0)
+            w.inflight.append(task)
+            ws.running = w.inflight[0]
+            task.started_at = self.now
+            self.execute(task.sim_round)
+
+    def release(self, w: _Worker, task: PrefillTask) -> None:
+        if task in w.inflight:
+            w.inflight.remove(task)
+            w.ws.running = w.inflight[0] if w.inflight else None
+            self.dispatch(w)
+
+    # -- executing a round ---------------------------------------------------------------------
+    def engine_history(self, st: _Sess) -> int:
+        """History the decode worker's engine really still holds for the session."""
+        return 0 if st.evicted else st.context
+
+    def execute(self, r: _Round) -> None:
         st = r.sess
-        ttft = r.t_first - r.sent
+        d = st.decode
+        prompt = r.l_hist + r.l_incr
+        hist = self.engine_history(st)
+        st.migrating = False
+        if hist < st.context:
+            self.counters["reprefill_tokens"] += st.context - hist
+            st.evicted = False
+        if r.route == "remote":
+            p = self.prefill[r.worker]
+            arrive = p.engine.front_end(self.now)
+            cached = min(p.ws.cached_prefix.get(st.session.session_id, 0), prompt)
+            read = max(0, hist - cached)  # history P lacks, read from the decode worker
+            start = max(hist, cached)
+            r.kv_bytes = (read + prompt - start) * self.kv_bytes_per_token
+            r.computed = prompt - start
+            job = Job(r, start, prompt - start, 1, self.prefill_done)
+            if read:  # P asks D to export the history (a request on D: front end, one step), then reads it
+                self.at(arrive, self.export_history, (job, hist, read))
+            else:
+                self.at(arrive, self.submit, (p.engine, job))
+            return
+        arrive = d.engine.front_end(self.now)
+        t_in = 0.0
+        old = r.migrate_from
+        if old is not None and hist:
+            t_in = self._t_kv(hist, old.ws.layout, d.ws.layout) + self.terms.export_s
+            r.kv_bytes = hist * self.kv_bytes_per_token
+        d.ws.decoding += 1
+        r.computed = prompt - hist
+        job = Job(r, hist, prompt - hist, r.n_out, self.first_token, self.round_done)
+        self.at(arrive + t_in, self.submit, (d.engine, job))
+
+    def export_history(self, arg: tuple[Job, int, int]) -> None:
+        job, hist, read = arg
+        d = job.rnd.sess.decode
+        export = Job(job.rnd, max(0, hist - 1), min(1, hist), 1, lambda _e, now: self.read_history(job, read, now))
+        self.at(d.engine.front_end(self.now), self.submit, (d.engine, export))
+
+    def read_history(self, job: Job, read: int, now: float) -> None:
+        r: _Round = job.rnd
+        p, d = self.prefill[r.worker], r.sess.decode
+        t_in = self.terms.export_s + self._t_kv(read, d.ws.layout, p.ws.layout)
+        self.at(now + t_in, self.submit, (p.engine, job))
+
+    def submit(self, arg: tuple[Engine, Job]) -> None:
+        engine, job = arg
+        engine.submit(job)
+
+    def prefill_done(self, job: Job, now: float) -> None:
+        """P's answer reaches the router: free P's slot, then the router calls D, which reads the KV."""
+        r: _Round = job.rnd
+        p = self.prefill[r.worker]
+        self.cache_prefix(p, r.sess.session.session_id, job.cached + job.compute)
+        self.release(p, r.task)
+        d = r.sess.decode
+        arrive = d.engine.front_end(now + self.terms.remote_s)
+        total = job.cached + job.compute
+        t_in = self._t_kv(job.compute, p.ws.layout, d.ws.layout) if job.compute else 0.0
+        d.ws.decoding += 1
+        # D holds the whole prompt's KV after the read; vLLM still computes the last position.
+        self.at(arrive + t_in, self.submit,
+                (d.engine, Job(r, max(0, total - 1), min(1, total), r.n_out, self.first_token, self.round_done)))
+
+    def cache_prefix(self, p: _Prefill, sid: str, tokens: int) -> None:
+        cache = p.ws.cached_prefix
+        p.cache_used += tokens - cache.pop(sid, 0)
+        cache[sid] = tokens
+        while p.cache_used > p.capacity and cache:
+            _, dropped = cache.popitem(last=False)
+            p.cache_used -= dropped
+
+    def first_token(self, job: Job, now: float) -> None:
+        """The first token is out: TTFT sample for the worker that prefilled, free the local slot."""
+        r: _Round = job.rnd
+        r.t_first = now
+        prefiller = r.worker
+        ttft = now - r.sent
+        self.cluster.record_ttft(prefiller, now, ttft)
+        self.runner.on_metrics(prefiller, "ttft", ttft, now)
+        if r.route == "local":
+            self.release(self.workers[r.worker], r.task)
+        if r.n_out <= 1:
+            self.round_done(job, now)
+
+    def round_done(self, job: Job, now: float) -> None:
+        r: _Round = job.rnd
+        st = r.sess
+        d = st.decode
+        d.ws.decoding -= 1
+        tpot = slo.tpot(r.t_first, now, r.n_out)
         self.records.append(slo.RoundRecord(
-            session_id=st.session.session_id, round_index=r.index, ttft=ttft,
-            itl=slo.tpot(r.t_first, t_last, r.n_out), input_tokens=r.l_incr, output_tokens=r.n_out,
+            session_id=st.session.session_id, round_index=r.index, ttft=r.t_first - r.sent, itl=tpot,
+            input_tokens=r.computed, output_tokens=r.n_out,
             route=r.route, worker=r.worker, kv_bytes=r.kv_bytes, start=r.sent))
-        self.runner.on_metrics(st.decode.ws.worker_id, "output_tokens", r.n_out, t_last)
+        self.last_round_end = max(self.last_round_end, now)
+        if tpot is not None:
+            self.cluster.record_itl(d.ws.worker_id, now, tpot)
+            self.runner.on_metrics(d.ws.worker_id, "itl", tpot, now)
+        self.runner.on_metrics(d.ws.worker_id, "output_tokens", r.n_out, now)
+        self.router_account(st, d, r.l_hist + r.l_incr + r.n_out)
         rnd = st.session.rounds[st.index]
         st.context += rnd.input_tokens + rnd.output_tokens
         st.active = False
         st.index += 1
-        d = st.decode
         sid = st.session.session_id
         if st.index < len(st.session.rounds):
             if sid in d.resident:
                 d.idle[sid] = st  # evictable while the tool runs
-            self.at(t_last + rnd.tool_delay_s, self.send_round, st)
+            self.at(now + rnd.tool_delay_s, self.send_round, st)
         else:
-            d.ws.kv_used_tokens -= d.resident.pop(sid, 0)
+            d.kv_used -= d.resident.pop(sid, 0)
             self.cluster.unbind_session(sid)
+            if self.session_ttl_s < float("inf"):
+                self.at(now + self.session_ttl_s, self.expire_session, st)
             self.session_done()
         if d.mem_wait:
             self.retry_memory(d)
+
+    def router_account(self, st: _Sess, d: _Decode, tokens: int) -> None:
+        """The router's `_finish`: the session's resident KV moves to (prompt + output) on its decode worker."""
+        if st.router_worker is not None:
+            old = st.router_worker.ws
+            old.kv_used_tokens = max(0, old.kv_used_tokens - st.router_tokens)
+        st.router_tokens, st.router_worker = tokens, d
+        d.ws.kv_used_tokens += tokens
+
+    def expire_session(self, st: _Sess) -> None:
+        """The router forgets an idle session after its TTL, and only then counts its KV as released."""
+        if st.router_worker is not None:
+            ws = st.router_worker.ws
+            ws.kv_used_tokens = max(0, ws.kv_used_tokens - st.router_tokens)
+            st.router_tokens, st.router_worker = 0, None
 
     def abort(self, st: _Sess, reason: str) -> None:
         """Record every remaining round of the session as failed (never silently drop a session)."""
@@ -363,7 +472,7 @@ class _Simulator:
                                                 start=self.now, error=reason))
         d = st.decode
         d.idle.pop(sid, None)
-        d.ws.kv_used_tokens -= d.resident.pop(sid, 0)
+        d.kv_used -= d.resident.pop(sid, 0)
         self.cluster.unbind_session(sid)
         self.session_done()
         if d.mem_wait:
@@ -374,116 +483,8 @@ class _Simulator:
         if self.progress is not None and self.done_sessions % 256 == 0:
             self.progress(self.done_sessions, len(self.sessions))
 
-    # -- prefill workers -----------------------------------------------------------------------
-    def dispatch_prefill(self, p: _Prefill) -> None:
-        ws = p.ws
-        if not ws.queue:
-            return
-        self.runner.order_queue(ws, self.now)
-        task = ws.queue.pop(0)
-        r: _Round = task.sim_round
-        sid = task.session_id
-        d = r.sess.decode
-        cached = ws.cached_prefix.get(sid, 0)
-        total = task.l_hist + task.l_incr
-        hist = max(task.l_hist, min(cached, total))  # what the computation can attend to without computing
-        read = max(0, task.l_hist - cached)  # history this worker lacks, read from the decode worker
-        t_in = self._t_kv(read, d.ws.layout, ws.layout) if read else 0.0
-        compute = self._t_pre(hist, total - hist, ws.layout)
-        r.kv_bytes = (read + task.l_incr) * self.kv_bytes_per_token
-        ws.running = task
-        task.started_at = self.now
-        p.busy = True
-        self.at(self.now + t_in + compute, self.prefill_done, (p, task))
 
-    def prefill_done(self, arg: tuple[_Prefill, PrefillTask]) -> None:
-        p, task = arg
-        ws = p.ws
-        r: _Round = task.sim_round
-        d = r.sess.decode
-        ws.running = None
-        p.busy = False
-        self.cache_prefix(p, task.session_id, task.l_hist + task.l_incr)
-        t_out = self._t_kv(task.l_incr, ws.layout, d.ws.layout) if task.l_incr else 0.0
-        first = self.now + t_out
-        self.cluster.record_ttft(ws.worker_id, self.now, first - r.sent)
-        self.runner.on_metrics(ws.worker_id, "ttft", first - r.sent, self.now)
-        self.at(first, self.first_token, r)
-        self.dispatch_prefill(p)
-
-    def cache_prefix(self, p: _Prefill, sid: str, tokens: int) -> None:
-        cache = p.ws.cached_prefix
-        p.cache_used += tokens - cache.pop(sid, 0)
-        cache[sid] = tokens
-        while p.cache_used > p.capacity and cache:
-            _, dropped = cache.popitem(last=False)
-            p.cache_used -= dropped
-
-    # -- decode workers ------------------------------------------------------------------------
-    def first_token(self, r: _Round) -> None:
-        """The round's first token is out (its KV is on the decode worker): join the batch."""
-        r.t_first = self.now
-        if r.n_out <= 1:
-            self.finish_round(r, self.now)
-            return
-        d = r.sess.decode
-        d.joining.append(r)
-        d.ws.decoding += 1
-        if not d.busy:
-            self.kick(d)
-
-    def kick(self, d: _Decode) -> None:
-        """The decode worker is free: run a waiting local prefill first, else one decode step."""
-        ws = d.ws
-        if ws.queue:
-            self.runner.order_queue(ws, self.now)
-            task = ws.queue.pop(0)
-            ws.running = task
-            task.started_at = self.now
-            d.busy = True
-            self.at(self.now + self._t_pre(task.l_hist, task.l_incr, ws.layout), self.local_done, (d, task))
-            return
-        if d.joining:
-            for r in d.joining:
-                r.end_step = d.step_no + r.n_out - 1
-                r.ctx0 = r.l_hist + r.l_incr
-                d.ctx_sum += r.ctx0
-                self.seq += 1
-                heapq.heappush(d.batch, (r.end_step, self.seq, r))
-            d.joining.clear()
-        if d.batch:
-            d.busy = True
-            self.at(self.now + self._t_dec(len(d.batch), d.ctx_sum, ws.layout), self.step_done, d)
-        else:
-            d.last_step_end = None
-
-    def local_done(self, arg: tuple[_Decode, PrefillTask]) -> None:
-        d, task = arg
-        d.ws.running = None
-        d.busy = False
-        r: _Round = task.sim_round
-        self.cluster.record_ttft(d.ws.worker_id, self.now, self.now - r.sent)
-        self.runner.on_metrics(d.ws.worker_id, "ttft", self.now - r.sent, self.now)
-        self.first_token(r)
-        if not d.busy:
-            self.kick(d)
-
-    def step_done(self, d: _Decode) -> None:
-        now = self.now
-        d.busy = False
-        d.step_no += 1
-        d.ctx_sum += len(d.batch)
-        if d.last_step_end is not None:
-            self.cluster.record_itl(d.ws.worker_id, now, now - d.last_step_end)
-        d.last_step_end = now
-        batch = d.batch
-        while batch and batch[0][0] <= d.step_no:
-            _, _, r = heapq.heappop(batch)
-            d.ctx_sum -= r.ctx0 + r.n_out - 1
-            d.ws.decoding -= 1
-            self.finish_round(r, now)
-        if not d.busy:
-            self.kick(d)
+ROUTER_SESSION_TTL_S = 1800.0  # RouterConfig.session_ttl_s: the router counts a session's KV this long
 
 
 def simulate(
@@ -497,22 +498,34 @@ def simulate(
     seed: int = 0,
     policy_params: dict | None = None,
     progress: Callable[[int, int], None] | None = None,
+    serving: ServingTerms | None = None,
+    kv_connector: str = "ampd",
+    session_ttl_s: float = ROUTER_SESSION_TTL_S,
+    count_inflight: bool = False,
 ) -> SimResult:
     """Run `workload` on `deployment` under `policy` (a registered name or a ready PolicyRunner).
 
     A policy given by name is built with `ttft_slo`, `itl_slo` and `seed` (when it accepts them) plus
     `policy_params`. `progress(done_sessions, total)` is called every 256 finished sessions.
+    `serving` overrides the cost model's serving-path terms (`ServingTerms.for_model`); `kv_connector`
+    "none" runs every prefill locally with no migration, as the router does without a connector.
+    `session_ttl_s` and `count_inflight` set the router's KV accounting (today: finished sessions counted for
+    1,800 s, a round counted only once it ends; `count_inflight=True` counts it from when it is sent).
     """
     if ttft_slo <= 0 or itl_slo <= 0:
         raise ValueError(f"SLOs must be positive, got ttft_slo={ttft_slo}, itl_slo={itl_slo}")
+    if kv_connector not in ("ampd", "none"):
+        raise ValueError(f"kv_connector must be 'ampd' or 'none', not {kv_connector!r}")
     if isinstance(policy, PolicyRunner):
         runner = policy
     else:
         accepted = accepted_params(policy_class(policy))
         base = {k: v for k, v in dict(ttft_slo=ttft_slo, itl_slo=itl_slo, seed=seed).items() if k in accepted}
         runner = load_policy(policy, cost_model, **{**base, **(policy_params or {})})
+    terms = serving if serving is not None else ServingTerms.for_model(cost_model)
     started = time.perf_counter()
-    sim = _Simulator(deployment, list(workload), runner, cost_model, progress)
+    sim = _Simulator(deployment, list(workload), runner, cost_model, progress, terms, kv_connector, session_ttl_s,
+                     count_inflight)
     sim.run()
     if progress is not None:
         progress(sim.done_sessions, len(sim.sessions))

@@ -76,15 +76,16 @@ def simulate_cmd(workload, model, gpu, profile, prefill, decode, policy, params,
         sessions_list = load_workload(workload.lower() if workload.lower() in PROFILES else workload,
                                       sessions=sessions, rate=rate, seed=seed)
         deployment = Deployment(prefill, decode)
+        connector = "ampd" if prefill.count else "none"  # as `plan` emits the router for it
         if as_json:
             result = run_simulation(deployment, sessions_list, policy, cost, ttft_slo=ttft_slo, itl_slo=itl_slo,
-                              seed=seed, policy_params=params)
+                              seed=seed, policy_params=params, kv_connector=connector)
         else:
             with Progress(TextColumn("simulating"), BarColumn(), MofNCompleteColumn(), TextColumn("sessions"),
                           TimeElapsedColumn(), transient=True) as bar:
                 task = bar.add_task("sim", total=len(sessions_list))
                 result = run_simulation(deployment, sessions_list, policy, cost, ttft_slo=ttft_slo, itl_slo=itl_slo,
-                                  seed=seed, policy_params=params,
+                                  seed=seed, policy_params=params, kv_connector=connector,
                                   progress=lambda done, total: bar.update(task, completed=done))
     except ValueError as exc:  # bad preset/GPU/trace/parameter: the message names the problem
         raise click.ClickException(str(exc)) from None
@@ -116,7 +117,7 @@ def _print_table(s: dict, deployment: Deployment) -> None:
         ("ITL p50 / p95", f"{_fmt(s['itl_p50'], ' s')} / {_fmt(s['itl_p95'], ' s')}  (SLO {s['itl_slo']} s)"),
         ("local prefills", f"{s['local_fraction']:.1%}"),
         ("KV moved", f"{s['kv_bytes_moved'] / 1e9:.2f} GB"),
-        ("evictions", str(s["evictions"])),
+        ("evictions / migrations", f"{s['evictions']} / {s['migrations']}"),
         ("errors", str(s["errors"])),
         ("simulated / wall", f"{s['simulated_s']:.1f} s / {s['wall_s']:.2f} s ({s['events']} events)"),
     ]

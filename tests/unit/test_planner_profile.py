@@ -13,6 +13,7 @@ from click.testing import CliRunner
 from ampd_plugin.costmodel import FittedCostModel, Layout
 from ampd_plugin.localcluster import free_port
 from ampd_plugin.planner.profile import profile, steady_step_time
+from ampd_plugin.planner.serving import CPU_TOKEN_BUDGET, GPU_TOKEN_BUDGET, ServingTerms
 
 PRE = (0.03, 4e-5, 0.0)  # a, b, c of T_pre
 DEC = (0.01, 0.004)  # step = a + b·(streams decoding)
@@ -74,6 +75,7 @@ def fake_url():
     engine = FakeEngine()
     app = web.Application()
     app.router.add_get("/v1/models", engine.models)
+    app.router.add_get("/health", lambda _req: web.Response(text="ok"))
     app.router.add_get("/metrics", engine.metrics)
     app.router.add_post("/v1/completions", engine.completions)
     runner = web.AppRunner(app)
@@ -112,6 +114,27 @@ def test_profile_fits_known_coefficients(tmp_path, fake_url):
     assert fitted.kv_capacity_tokens(lay) == 500 * 16
     assert fitted.meta["fit"]["prefill_mape"] < 0.3
     assert fitted.meta["link_source"].startswith("assumed")
+    # Serving path: measured through a real `ampd-plugin route` started by the profile (one endpoint, so no
+    # remote round); the fake engine adds nothing per request, so the router's own hop is what remains.
+    terms = ServingTerms.for_model(fitted)
+    assert terms.token_budget == GPU_TOKEN_BUDGET and terms.frontend_in_t_pre
+    assert 0 < terms.router_s < 0.5  # loose: the unit suite shares two cores with other work
+    assert terms.frontend_s < 0.05
+    assert len(fitted.meta["samples"]["serving"]["router_local"]) == 2 * 3  # two shapes, at least three repeats
+    assert any("remote-round costs not measured" in n for n in fitted.meta["serving_notes"])
+
+
+def test_profile_without_the_router_records_what_it_skipped(tmp_path, fake_url):
+    out = tmp_path / "fit.yaml"
+    res = CliRunner().invoke(profile, [
+        "--endpoint", fake_url, "--out", str(out), "--kv-bytes-per-token", "512", "--hist", "0,64",
+        "--incr", "32,512", "--batches", "1,2", "--contexts", "32,64", "--decode-tokens", "4", "--repeats", "1",
+        "--device", "cpu", "--no-via-router"])
+    assert res.exit_code == 0, res.output
+    fitted = FittedCostModel.from_yaml(out)
+    terms = ServingTerms.for_model(fitted)
+    assert terms.token_budget == CPU_TOKEN_BUDGET and terms.router_s == 0.0
+    assert "router_local" not in fitted.meta["samples"]["serving"]
 
 
 def test_profile_unreachable_endpoint_is_a_clear_error(tmp_path):
@@ -127,3 +150,12 @@ def test_steady_step_time_counts_tokens_not_chunks():
     s1 = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5]
     s2 = [0.0, 0.1, 0.2, 0.5]
     assert steady_step_time([s1, s2], tokens=6) == pytest.approx(0.1)
+
+
+def test_steady_step_time_leaves_out_streams_that_arrived_in_one_burst():
+    from ampd_plugin.planner.profile import CoalescedStreams
+
+    timed, burst = [0.0, 0.1, 0.2, 0.3], [0.5, 0.5, 0.5, 0.5]
+    assert steady_step_time([timed, burst, burst], tokens=4) == pytest.approx(0.1)
+    with pytest.raises(CoalescedStreams):
+        steady_step_time([burst, burst], tokens=4)

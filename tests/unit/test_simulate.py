@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from ampd_plugin.planner.serving import ServingTerms
 from ampd_plugin.planner.simulate import Deployment, Pool, parse_pool, simulate
 from ampd_plugin.costmodel import Layout
 from ampd_plugin.workload import Round, Session, generate
@@ -11,6 +12,7 @@ from ampd_plugin.workload import Round, Session, generate
 from policy_fakes import FakeCost
 
 SLO = dict(ttft_slo=2.0, itl_slo=0.1)
+ENGINE_ONLY = ServingTerms(router_s=0.0, remote_s=0.0, export_s=0.0, frontend_s=0.0)  # no serving-path costs
 
 
 def session(sid, arrival, *rounds):
@@ -60,14 +62,17 @@ def test_same_seed_same_result_and_seed_matters():
 def test_zero_load_latencies_equal_the_cost_model():
     cost = FakeCost(step=0.02)
     s = session("s", 1.0, (1000, 11, 5.0), (300, 6, 0.0))
-    result = run(("1x2", "1"), [s], "disagg", cost=cost)
+    result = run(("1x2", "1"), [s], "disagg", cost=cost, serving=ENGINE_ONLY)
     r0, r1 = result.records
     lp, ld = Layout(2), Layout(1)
-    # round 0: compute 1000 tokens on P (TP2), push 1000 tokens of KV back
-    assert r0.ttft == pytest.approx(cost.t_pre(0, 1000, lp) + cost.t_kv(1000, lp, ld))
+    # round 0: compute 1000 tokens on P (TP2), D reads 1000 tokens of KV, then computes the last position
+    assert r0.ttft == pytest.approx(cost.t_pre(0, 1000, lp) + cost.t_kv(1000, lp, ld) + cost.t_pre(999, 1, ld))
     assert r0.itl == pytest.approx(0.02)
-    # round 1: P caches the 1000-token prompt, reads the 11 output tokens from D, computes 300
-    assert r1.ttft == pytest.approx(cost.t_kv(11, ld, lp) + cost.t_pre(1011, 300, lp) + cost.t_kv(300, lp, ld))
+    # round 1: P caches the 1000-token prompt, has D export the history (one step on D), reads the 11 output
+    # tokens from D, computes 300
+    assert r1.ttft == pytest.approx(cost.t_pre(1010, 1, ld) + cost.t_kv(11, ld, lp) + cost.t_pre(1011, 300, lp)
+                                    + cost.t_kv(300, lp, ld)
+                                    + cost.t_pre(1310, 1, ld))
     assert r1.kv_bytes == (11 + 300) * cost.kv_bytes_per_token
     assert r1.start == pytest.approx(r0.start + r0.ttft + 10 * 0.02 + 5.0)
 
@@ -75,28 +80,39 @@ def test_zero_load_latencies_equal_the_cost_model():
 def test_zero_load_local_prefill_equals_the_cost_model():
     cost = FakeCost(step=0.02)
     s = session("s", 0.0, (1000, 11, 1.0), (300, 6, 0.0))
-    r0, r1 = run(("0", "1x2"), [s], "colocated", cost=cost).records
+    r0, r1 = run(("0", "1x2"), [s], "colocated", cost=cost, serving=ENGINE_ONLY).records
     assert r0.ttft == pytest.approx(cost.t_pre(0, 1000, Layout(2)))
     assert r1.ttft == pytest.approx(cost.t_pre(1011, 300, Layout(2)))
     assert r0.itl == pytest.approx(0.02) and r0.kv_bytes == 0 and r0.route == "local"
 
 
-def test_local_prefill_pauses_the_decode_batch():
-    cost = FakeCost(step=0.01)
+def test_local_prefill_shares_steps_with_the_decode_batch():
+    """A 1000-token local prefill under a 100-token budget runs as 10 mixed steps with the decode batch:
+    the prefill's TTFT counts 10 decode steps, and the decode round's TPOT absorbs the chunks."""
+    cost = FakeCost(step=0.01, hist_per_token=0.0)
     long_decode = session("a", 0.0, (100, 201, 0.0))
-    late_prefill = session("b", 0.5, (1000, 2, 0.0))  # 1 s local prefill in the middle of a's decode
-    alone = run(("0", "1"), [long_decode], "colocated", cost=cost).records[0]
-    shared = {r.session_id: r for r in run(("0", "1"), [long_decode, late_prefill], "colocated",
-                                           cost=cost).records}
+    late_prefill = session("b", 0.5, (1000, 2, 0.0))  # ~1 s of prefill in the middle of a's decode
+    terms = ENGINE_ONLY.replace(token_budget=100)
+    alone = run(("0", "1"), [long_decode], "colocated", cost=cost, serving=terms).records[0]
+    result = run(("0", "1"), [long_decode, late_prefill], "colocated", cost=cost, serving=terms)
+    shared = {r.session_id: r for r in result.records}
     assert alone.itl == pytest.approx(0.01)
-    assert shared["a"].itl > alone.itl + 1.0 / 200 - 1e-9  # the 1 s pause is spread over 200 gaps
+    # b's chunks: 99 tokens per step (a's decode token takes one of the 100): 11 mixed steps, each costing
+    # a decode step plus the chunk's share of T_pre beyond its constant (here 0.001 s per chunk token, −0.001)
+    assert result.counters["mixed_steps"] == 11
+    chunks = 1000 * 0.001 - 11 * 0.001
+    assert shared["b"].ttft == pytest.approx(11 * 0.01 + chunks)
+    assert shared["a"].itl == pytest.approx(alone.itl + chunks / 200)
+    # with the default budget the whole prompt fits one step: one mixed step, no pause of its own
+    whole = run(("0", "1"), [long_decode, late_prefill], "colocated", cost=cost, serving=ENGINE_ONLY)
+    assert whole.counters["mixed_steps"] == 1
 
 
 def test_eviction_re_prefills_the_whole_context():
     cost = FakeCost(capacity=3000, step=0.001)
     a = session("a", 0.0, (1000, 100, 50.0), (200, 10, 0.0))  # long tool call: idle, evictable
     b = session("b", 1.0, (2000, 100, 0.0))  # 2100 + 1100 > 3000: a must go
-    result = run(("0", "1"), [a, b], "colocated", cost=cost)
+    result = run(("0", "1"), [a, b], "colocated", cost=cost, serving=ENGINE_ONLY)
     rec = {(r.session_id, r.round_index): r for r in result.records}
     assert result.counters["evictions"] == 1
     assert rec[("a", 1)].input_tokens == 1000 + 100 + 200  # l_hist = 0: whole context again
