@@ -45,7 +45,7 @@ state = SimpleNamespace(
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("ampd-plugin multi-round sessions")
     g.add_argument("--workload", default="toolbench",
-                   help="Workload profile name (toolbench, gaia, hotpotqa, dureader) or a trace file path")
+                   help="Workload profile name (toolbench, gaia, hotpotqa, dureader, coding-agent) or a trace file path")
     g.add_argument("--trace", default="", help="JSONL trace file (Mooncake/AIPerf schema); overrides --workload")
     g.add_argument("--sessions", type=int, default=None,
                    help=f"Number of sessions to play (profile default {DEFAULT_SESSIONS}; trace default: all)")
