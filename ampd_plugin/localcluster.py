@@ -10,6 +10,7 @@ API:
   free_port() / free_ports(n)
   kv_transfer_config(...) / vllm_launch(...)              the exact env + argv a worker needs (also for docs)
   start_vllm(...) -> VllmServer; wait_healthy(servers); VllmServer.stop(); stop_all(servers)
+  spawn_server(name, argv, ...) -> VllmServer                any other server process (a router), same handling
 """
 
 from __future__ import annotations
@@ -218,16 +219,24 @@ def start_vllm(model: str | Path, *, name: str, log_dir: str | Path, port: int |
         require_isolated_netns("a vLLM worker with the ampd connector (Mooncake)")
     port = port or free_port()
     add_env, argv = vllm_launch(model, port, cpu=cpu, ampd=ampd, **launch)
-    full_env = {**os.environ, **add_env, **(env or {})}
+    srv = spawn_server(name, argv, log_dir, port, host=launch.get("host", "127.0.0.1"), env={**add_env, **(env or {})})
+    srv.ampd = bool(ampd)
+    return srv
+
+
+def spawn_server(name: str, argv: Sequence[str], log_dir: str | Path, port: int, *, host: str = "127.0.0.1",
+                 env: Mapping[str, str] | None = None) -> VllmServer:
+    """Start any HTTP server process (an engine, a router) in its own process group, logging to
+    ``log_dir/name.log`` (first line: the command); ``stop``/``wait_healthy`` work on it as on an engine."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "w") as log:
-        log.write(format_launch(add_env, argv) + "\n")
+        log.write(format_launch(dict(env or {}), argv) + "\n")
         log.flush()
-        proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return VllmServer(name=name, port=port, host=launch.get("host", "127.0.0.1"), proc=proc, log_path=log_path,
-                      ampd=bool(ampd))
+        proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return VllmServer(name=name, port=port, host=host, proc=proc, log_path=log_path, ampd=False)
 
 
 def is_healthy(url: str, timeout_s: float = 2.0) -> bool:
