@@ -17,8 +17,9 @@ The three deployments use the same two engine processes:
 - `disagg`: the same prefill/decode split; every prefill is remote (vLLM/Dynamo/DistServe-style PD).
 - `colocated`: both workers are given to the router as decode workers with no prefill pool; a session
   is bound to one of them (least KV in use) and every round — prefill and decode — runs there, like two
-  independent vLLM replicas behind a session-affinity load balancer. No KV moves between workers. (The
-  engines still load the connector, which costs nothing for requests that move no KV.)
+  independent vLLM replicas behind a session-affinity load balancer. The router runs with
+  `--kv-connector none`, so no KV moves between workers (no context migration either); the engines still
+  load the connector, which does nothing for requests without transfer parameters.
 
 Stopping: every process it started is stopped by PID (process group) at the end, on error and on Ctrl-C.
 """
@@ -78,9 +79,10 @@ class RouterProcess:
     """`ampd-plugin route` as a child process in its own process group (stopped by its PID)."""
 
     def __init__(self, policy: str, prefill: list[str], decode: list[str], port: int, log_path: Path,
-                 ttft_slo: float, itl_slo: float) -> None:
+                 ttft_slo: float, itl_slo: float, kv_connector: str = "ampd", extra: tuple[str, ...] = ()) -> None:
         name, params = split_policy_spec(policy)
-        argv = [sys.executable, "-m", "ampd_plugin.cli", "route", "--policy", name, "--kv-connector", "ampd",
+        argv = [sys.executable, "-m", "ampd_plugin.cli", "route", "--policy", name, "--kv-connector", kv_connector,
+                *extra,
                 "--ttft-slo", str(ttft_slo), "--itl-slo", str(itl_slo), "--host", "127.0.0.1", "--port", str(port)]
         for param in params:
             argv += ["--param", param]
@@ -190,11 +192,13 @@ def run_policy(policy: str, workers: list, out: Path, duration_s: float, session
     from ampd_plugin.loadtest_cli import LoadTestSpec, run_loadtest
 
     p, d = workers
-    prefill, decode = ([], [p.url, d.url]) if split_policy_spec(policy)[0] == "colocated" else ([p.url], [d.url])
+    colocated = split_policy_spec(policy)[0] == "colocated"
+    prefill, decode = ([], [p.url, d.url]) if colocated else ([p.url], [d.url])
     for w in workers:
         reset_prefix_cache(w.url)  # every policy starts from cold caches
+    # Co-located replicas move no KV: the router runs without a KV connector (no context migration either).
     router = RouterProcess(policy, prefill, decode, free_port(), out / f"router-{_slug(policy)}.log",
-                           slo["ttft_slo"], slo["itl_slo"])
+                           slo["ttft_slo"], slo["itl_slo"], kv_connector="none" if colocated else "ampd")
     result = PolicyResult(policy)
     kv_before = engine_kv_bytes([w.url for w in workers])
     try:

@@ -8,6 +8,7 @@ API:
   in_isolated_netns() / require_isolated_netns(what)      am I safe to start Mooncake here?
   create_netns(name) / delete_netns(name) / reexec_in_netns(name, argv)
   free_port() / free_ports(n)
+  engine_lock()                                            the machine-wide lock around real engines
   kv_transfer_config(...) / vllm_launch(...)              the exact env + argv a worker needs (also for docs)
   start_vllm(...) -> VllmServer; wait_healthy(servers); VllmServer.stop(); stop_all(servers)
   spawn_server(name, argv, ...) -> VllmServer                any other server process (a router), same handling
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shlex
@@ -92,6 +94,37 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# ------------------------------------------------------------------------------------------- engine lock
+ENGINE_LOCK_HELD_ENV = "AMPD_ENGINE_LOCK_HELD"
+
+
+@contextlib.contextmanager
+def engine_lock(on_wait=None):
+    """Hold the machine-wide engine lock (the one the integration fixtures take), so two benchmarks, or a
+    benchmark and a test run, never share the cores silently. Blocks until free; `on_wait()` is called
+    once if it has to wait. A no-op when an ancestor says it holds the lock (`AMPD_ENGINE_LOCK_HELD=1`)."""
+    if os.environ.get(ENGINE_LOCK_HELD_ENV) == "1":
+        yield
+        return
+    with open(ENGINE_LOCK, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        previous = os.environ.get(ENGINE_LOCK_HELD_ENV)
+        os.environ[ENGINE_LOCK_HELD_ENV] = "1"  # children (pytest, nested tools) must not wait on us
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(ENGINE_LOCK_HELD_ENV, None)
+            else:
+                os.environ[ENGINE_LOCK_HELD_ENV] = previous
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------------ ports
