@@ -36,194 +36,36 @@ import os
 import signal
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from ampd_plugin import localcluster as lc  # noqa: E402
 from ampd_plugin.busy import BUSY_CORES, BusySampler, foreign_usage  # noqa: E402
-from ampd_plugin.demo import (  # noqa: E402
+from ampd_plugin.evaluation import (  # noqa: E402
     DEMO_ITL_SLO,
     DEMO_MODEL,
     DEMO_SLO_TARGET,
     DEMO_TTFT_SLO,
     DEMO_WORKLOAD,
-    RouterProcess,
-    router_numbers,
-    warm_up,
+    VLLM_TODAY,
+    Run,
+    analyse,
+    bootstrap_mean_ci,
+    connector_kind,
+    reading,
+    run_one,
+    start_engines,
 )
 
-# name -> (router spec or None for vllm-router, connector kind of the engines)
-POLICIES: dict[str, tuple[str | None, str]] = {
-    "ampd": ("ampd", "ampd"),
-    "ampd*": ("ampd:predictive=true:itl_aware=true", "ampd"),
-    "dynamo": ("dynamo:block_size=128", "ampd"),  # vLLM-CPU's KV block is 128 tokens
-    "llmd": ("llmd:block_size=128", "ampd"),
-    "colocated": ("colocated", "ampd"),
-    "vllm-today": (None, "mooncake"),
-}
+POLICIES = ("ampd", "ampd*", "dynamo", "llmd", "colocated", VLLM_TODAY)  # ampd*, dynamo, llmd: evaluation.POLICY_ALIASES
 OURS = ("ampd", "ampd*")
 KINDS = ("ampd", "mooncake")
-SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
-KV_BYTES_PER_TOKEN = 2 * DEMO_MODEL["num_layers"] * DEMO_MODEL["num_kv_heads"] * (
-    DEMO_MODEL["hidden_size"] // DEMO_MODEL["num_heads"]) * 2  # K and V, bf16
-
-
-@dataclass
-class Run:
-    policy: str
-    rate: float
-    seed: int
-    attainment: float | None = None
-    session_attainment: float | None = None
-    ttft_p50: float | None = None
-    ttft_p95: float | None = None
-    itl_p50: float | None = None
-    itl_p95: float | None = None
-    rounds: int = 0
-    errors: int = 0
-    local_fraction: float | None = None  # the router's own count; vllm-router: every round remote by design
-    tokens: dict = field(default_factory=dict)  # worker -> source -> prompt tokens (engine counters, this run)
-    kv_tokens_received: float | None = None  # Σ external_kv_transfer over both workers
-    ampd_kv_read_bytes: float | None = None  # the ampd connector's own byte counter (ampd engines only)
-    foreign_cores_max: float | None = None  # busiest 2-s window of other processes during this run
-    failure: str = ""
-    notes: str = ""
-
-
-# ------------------------------------------------------------------------------------------- engines
-def engine_counters(urls: list[str]) -> dict:
-    out = {}
-    for i, url in enumerate(urls):
-        m = lc.scrape_metrics(url)
-        out[f"worker{i}"] = {s: lc.metric_sum(m, "vllm:prompt_tokens_by_source_total", source=s) for s in SOURCES}
-        out[f"worker{i}"]["ampd_kv_read_bytes"] = lc.metric_sum(m, "vllm:ampd_kv_read_bytes_total")
-    return out
-
-
-def start_kind(kind: str, model: Path, log_dir: Path):
-    """(workers [core 0, core 1], vllm-today deployment or None) for one connector kind, healthy and warm."""
-    common = dict(max_model_len=DEMO_MODEL["max_position_embeddings"], dev_mode=True)  # as the demo
-    if kind == "mooncake":
-        from ampd_plugin.baselines_deploy import start_engines
-
-        dep = start_engines(model, log_dir, **common)
-        workers = dep.workers
-    else:
-        dep = None
-        workers = [lc.start_vllm(model, name=f"worker{i}", log_dir=log_dir, cpu=i, ampd=True, **common) for i in range(2)]
-        try:
-            lc.wait_healthy(workers, timeout_s=420)
-        except BaseException:
-            lc.stop_all(workers)
-            raise
-    for w in workers:
-        warm_up(w.url)
-    return workers, dep
-
-
-# ------------------------------------------------------------------------------------------- one run
-def run_one(policy: str, workers, dep, model: Path, rate: float, seed: int, duration: float, out: Path,
-            sampler: BusySampler) -> Run:
-    from ampd_plugin.loadtest_cli import LoadTestSpec, run_loadtest
-
-    spec_name, _ = POLICIES[policy]
-    run = Run(policy, rate, seed)
-    slug = f"{policy.replace('*', 'star')}-r{rate:g}-s{seed}"
-    for w in workers:
-        try:
-            if not lc.reset_prefix_cache(w.url):
-                run.notes += f"{w.name}: prefix cache not reset; "
-        except OSError as exc:
-            run.notes += f"{w.name}: prefix-cache reset failed ({exc}); "
-    urls = [w.url for w in workers]
-    before = engine_counters(urls)
-    seen = len(sampler.samples)
-    router = None
-    try:
-        if spec_name is None:
-            host = dep.start_router(out / "logs").url
-        else:
-            colocated = spec_name == "colocated"
-            prefill, decode = ([], urls) if colocated else (urls[:1], urls[1:])
-            router = RouterProcess(spec_name, prefill, decode, lc.free_port(), out / "logs" / f"router-{slug}.log",
-                                   DEMO_TTFT_SLO, DEMO_ITL_SLO, kv_connector="none" if colocated else "ampd",
-                                   extra=("--tokenizer", str(model)))
-            router.wait_ready()
-            host = router.url
-        spec = LoadTestSpec(host=host, sessions=max(2, round(rate * duration)), session_rate=rate, seed=seed,
-                            duration_s=duration + 180, report_dir=str(out / "runs" / slug), model=str(model),
-                            tokenizer=str(model), ttft_slo=DEMO_TTFT_SLO, itl_slo=DEMO_ITL_SLO,
-                            slo_target=DEMO_SLO_TARGET, **DEMO_WORKLOAD)
-        code, report = run_loadtest(spec, quiet=True)
-        if report is None:
-            run.failure = f"load test wrote no report (exit {code})"
-            return run
-        s = report["summary"]
-        run.attainment, run.session_attainment = s["slo_attainment"], report["session_attainment"]
-        run.ttft_p50, run.ttft_p95, run.itl_p50, run.itl_p95 = s["ttft_p50"], s["ttft_p95"], s["itl_p50"], s["itl_p95"]
-        run.rounds, run.errors = s["rounds"], s["errors"]
-        if router is not None:
-            run.local_fraction = router_numbers(router.url)[0]
-        else:
-            run.local_fraction = 0.0  # vllm-router PD mode sends every request to the prefill worker first
-    finally:
-        if router is not None:
-            router.stop()
-        if dep is not None:
-            dep.stop_router()
-    after = engine_counters(urls)
-    run.tokens = {w: {k: after[w][k] - before[w][k] for k in SOURCES} for w in after}
-    run.kv_tokens_received = sum(t["external_kv_transfer"] for t in run.tokens.values())
-    run.ampd_kv_read_bytes = sum(after[w]["ampd_kv_read_bytes"] - before[w]["ampd_kv_read_bytes"] for w in after)
-    window = sampler.samples[seen:]
-    run.foreign_cores_max = max(window) if window else None
-    return run
-
-
-# ------------------------------------------------------------------------------------------- statistics
-def bootstrap_mean_ci(values: list[float], seed: int = 0) -> tuple[float, float | None, float | None]:
-    """(mean, low, high) of a 95 % percentile bootstrap of the mean; no interval below 2 values."""
-    from scipy.stats import bootstrap
-
-    arr = np.asarray(values, dtype=float)
-    mean = float(arr.mean())
-    if len(arr) < 2 or np.all(arr == arr[0]):
-        return mean, (mean if len(arr) >= 2 else None), (mean if len(arr) >= 2 else None)
-    res = bootstrap((arr,), np.mean, confidence_level=0.95, n_resamples=10_000, method="percentile",
-                    random_state=np.random.default_rng(seed))
-    return mean, float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def analyse(runs: list[Run]) -> dict:
-    ok = [r for r in runs if r.attainment is not None]
-    rates = sorted({r.rate for r in ok})
-    policies = [p for p in POLICIES if any(r.policy == p for r in ok)]
-    att = {p: {rate: {r.seed: r.attainment for r in ok if r.policy == p and r.rate == rate} for rate in rates}
-           for p in policies}
-    curves = {p: {str(rate): bootstrap_mean_ci(list(att[p][rate].values())) for rate in rates if att[p][rate]}
-              for p in policies}
-    baselines = [p for p in policies if p not in OURS]
-    paired = []
-    for rate in rates:
-        means = {b: np.mean(list(att[b][rate].values())) for b in baselines if att[b][rate]}
-        if not means:
-            continue
-        best = max(means, key=means.get)
-        for ours in (p for p in OURS if p in policies):
-            seeds = sorted(set(att[ours][rate]) & set(att[best][rate]))
-            diffs = [att[ours][rate][s] - att[best][rate][s] for s in seeds]
-            if not diffs:
-                continue
-            mean, lo, hi = bootstrap_mean_ci(diffs)
-            paired.append({"rate": rate, "ours": ours, "best_baseline": best, "n": len(diffs), "mean_diff": mean,
-                           "ci_low": lo, "ci_high": hi, "diffs": diffs,
-                           "significant": lo is not None and (lo > 0 or hi < 0) and len(diffs) >= 2})
-    return {"rates": rates, "curves": curves, "paired": paired}
+SLO = dict(ttft_slo=DEMO_TTFT_SLO, itl_slo=DEMO_ITL_SLO, slo_target=DEMO_SLO_TARGET)
+__all__ = ["bootstrap_mean_ci", "Run"]
 
 
 def plot(analysis: dict, path: Path, title: str) -> None:
@@ -234,7 +76,7 @@ def plot(analysis: dict, path: Path, title: str) -> None:
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for policy, curve in analysis["curves"].items():
-        keys = sorted(curve, key=float)
+        keys = sorted(curve, key=float)  # "0.4", "0.8" …
         rates = [float(k) for k in keys]
         mean = [100 * curve[k][0] for k in keys]
         style = "-" if policy in OURS else "--"
@@ -261,7 +103,7 @@ def summary_markdown(runs: list[Run], analysis: dict, meta: dict) -> str:
              f"the runs {meta['foreign_worst']:.2f} cores (busy above {BUSY_CORES} cores).", "",
              "| policy | rate | seed | attainment | TTFT p95 | ITL p95 | local | KV tokens in | errors | other procs (cores) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in sorted(runs, key=lambda r: (r.rate, r.seed, list(POLICIES).index(r.policy))):
+    for r in sorted(runs, key=lambda r: (r.rate, r.seed, POLICIES.index(r.policy) if r.policy in POLICIES else 99)):
         ms = lambda v: "–" if v is None else f"{1000 * v:.0f} ms"  # noqa: E731
         lines.append(f"| {r.policy} | {r.rate:g} | {r.seed} | {pct(r.attainment)} | {ms(r.ttft_p95)} | {ms(r.itl_p95)} | "
                      f"{pct(r.local_fraction)} | {r.kv_tokens_received or 0:.0f} | {r.errors} | "
@@ -275,9 +117,10 @@ def summary_markdown(runs: list[Run], analysis: dict, meta: dict) -> str:
     lines += ["", "| rate | ours − best baseline | n | mean diff (points) | 95 % CI | reading |", "|---|---|---|---|---|---|"]
     for p in analysis["paired"]:
         ci = "–" if p["ci_low"] is None else f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
-        reading = ("significant" if p["significant"] else "not significant") if p["n"] >= 2 else "one seed: no interval"
+        verdict = ("significant" if p["significant"] else "not significant") if p["n"] >= 2 else "one seed: no interval"
         lines.append(f"| {p['rate']:g} | {p['ours']} − {p['best_baseline']} | {p['n']} | {100 * p['mean_diff']:+.1f} | "
-                     f"{ci} | {reading} |")
+                     f"{ci} | {verdict} |")
+    lines += [""] + [f"- {reading(p)}" for p in analysis["paired"]]
     return "\n".join(lines) + "\n"
 
 
@@ -314,17 +157,19 @@ def evaluate(args) -> int:
         model = build_tiny_model(TinyModelSpec(**DEMO_MODEL))
         with BusySampler(period_s=8.0, window_s=2.0) as sampler:
             for kind in KINDS:
-                mine = [p for p in policies if POLICIES[p][1] == kind]
+                mine = [p for p in policies if connector_kind(p) == kind]
                 if not mine:
                     continue
                 print(f"starting {kind} engines …", flush=True)
-                workers, dep = start_kind(kind, model, out / "logs" / kind)
+                workers, dep = start_engines(kind, model, out / "logs" / kind)
                 try:
                     for i, seed in enumerate(seeds):
                         for rate in rates:
                             k = (i + rates.index(rate)) % len(mine)  # rotate the order: no policy always first
                             for policy in mine[k:] + mine[:k]:
-                                run = run_one(policy, workers, dep, model, rate, seed, args.duration, out, sampler)
+                                sessions = max(2, round(rate * args.duration))
+                                run = run_one(policy, workers, dep, model, rate, seed, sessions, out / "runs", SLO,
+                                              samples=sampler.samples)
                                 runs.append(run)
                                 busy = run.foreign_cores_max is not None and run.foreign_cores_max > BUSY_CORES
                                 print(f"{policy:>10} rate {rate:g} seed {seed}: attainment "
@@ -342,7 +187,7 @@ def evaluate(args) -> int:
         meta["foreign_worst"] = sampler.worst.foreign_cores if sampler.worst else 0.0
         meta["foreign_worst_who"] = sampler.worst.describe() if sampler.worst else ""
     meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
-    analysis = analyse(runs)
+    analysis = analyse(runs, OURS)
     busy_note = (f" — MACHINE BUSY (≤ {meta['foreign_worst']:.1f} foreign cores)"
                  if meta["foreign_worst"] > BUSY_CORES else "")
     plot(analysis, out / "attainment.png",

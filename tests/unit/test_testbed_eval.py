@@ -20,8 +20,12 @@ def runs(table):
 
 
 def test_every_documented_baseline_and_ours_are_in_the_harness():
+    from ampd_plugin.evaluation import connector_kind, split_policy_spec
+
     assert set(te.POLICIES) == {"ampd", "ampd*", "dynamo", "llmd", "colocated", "vllm-today"}
-    assert te.POLICIES["vllm-today"][1] == "mooncake" and te.POLICIES["colocated"][1] == "ampd"
+    assert connector_kind("vllm-today") == "mooncake" and connector_kind("colocated") == "ampd"
+    assert split_policy_spec("dynamo") == ("dynamo", ["block_size=128"])  # vLLM-CPU's block size
+    assert split_policy_spec("ampd*") == ("ampd", ["predictive=true", "itl_aware=true"])
 
 
 def test_paired_difference_against_the_best_baseline_per_rate():
@@ -29,7 +33,7 @@ def test_paired_difference_against_the_best_baseline_per_rate():
     for seed, (ours, a, b) in enumerate([(0.9, 0.7, 0.8), (0.85, 0.6, 0.75), (0.95, 0.7, 0.8), (0.9, 0.65, 0.8)]):
         table[("ampd*", 0.5, seed)], table[("dynamo", 0.5, seed)], table[("vllm-today", 0.5, seed)] = ours, a, b
         table[("ampd*", 1.0, seed)], table[("dynamo", 1.0, seed)], table[("vllm-today", 1.0, seed)] = 0.5, 0.6, 0.4 + 0.01 * seed
-    result = te.analyse(runs(table))
+    result = te.analyse(runs(table), te.OURS)
     by_rate = {p["rate"]: p for p in result["paired"]}
     assert by_rate[0.5]["best_baseline"] == "vllm-today" and by_rate[1.0]["best_baseline"] == "dynamo"
     assert by_rate[0.5]["mean_diff"] == pytest.approx(0.1125)
@@ -41,8 +45,9 @@ def test_noisy_differences_are_not_significant():
     table = {}
     for seed, d in enumerate([0.2, -0.25, 0.15, -0.1, 0.05]):
         table[("ampd", 0.8, seed)], table[("colocated", 0.8, seed)] = 0.5 + d, 0.5
-    (p,) = te.analyse(runs(table))["paired"]
+    (p,) = te.analyse(runs(table), te.OURS)["paired"]
     assert p["ci_low"] < 0 < p["ci_high"] and not p["significant"]
+    assert "not a significant difference" in te.reading(p)
 
 
 def test_one_seed_gives_no_interval():
@@ -53,10 +58,12 @@ def test_one_seed_gives_no_interval():
 def test_failed_runs_are_left_out_and_outputs_are_written(tmp_path):
     table = {("ampd", 0.4, 0): 0.9, ("ampd", 0.4, 1): 0.8, ("llmd", 0.4, 0): 0.7, ("llmd", 0.4, 1): 0.75}
     rs = runs(table) + [te.Run("vllm-today", 0.4, 0, failure="load test wrote no report (exit 2)")]
-    analysis = te.analyse(rs)
+    analysis = te.analyse(rs, te.OURS)
     assert "vllm-today" not in analysis["curves"]
     te.plot(analysis, tmp_path / "a.png", "t")
     assert (tmp_path / "a.png").stat().st_size > 1000
     md = te.summary_markdown(rs, analysis, {"mode": "quick", "started": "now", "seeds": [0, 1], "rates": [0.4],
                                             "duration_s": 10, "foreign_before": 0.0, "foreign_worst": 0.1})
     assert "ampd − llmd" in md and "load test wrote no report" in md
+    single = te.analyse(runs({("ampd*", 0.8, 0): 0.6, ("colocated", 0.8, 0): 0.5}), te.OURS)["paired"][0]
+    assert "single run — no interval" in te.reading(single)
