@@ -7,8 +7,8 @@ ROUTER_KV_METRIC = "ampd_router_kv_bytes_moved_total"
 
 
 def router_kv_bytes(host: str) -> float | None:
-    """`ampd_router_kv_bytes_moved_total` summed over plans at `host`, or None when the server does not
-    expose it (a plain engine, vllm-router) or cannot be reached. The router counts per round the KV
+    """`ampd_router_kv_bytes_moved_total` summed over plans at `host` (0 when our router moved nothing yet),
+    or None when the server is not our router (a plain engine, vllm-router) or cannot be reached. The router counts per round the KV
     tokens its plan moves × its cost model's bytes per token: an estimate, not the connectors' own count."""
     from ampd_plugin.localcluster import metric_sum, scrape_metrics
 
@@ -16,7 +16,7 @@ def router_kv_bytes(host: str) -> float | None:
         metrics = scrape_metrics(host.rstrip("/"), prefix="ampd_router_")
     except (OSError, ValueError):
         return None
-    if not any(key.startswith(ROUTER_KV_METRIC) for key in metrics):
+    if not metrics:  # not our router (a plain engine, vllm-router): it reports nothing about KV
         return None
     return metric_sum(metrics, ROUTER_KV_METRIC)
 

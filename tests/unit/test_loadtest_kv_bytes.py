@@ -42,6 +42,8 @@ def server():
 def test_router_counter_is_read_and_summed(server):
     url, body = server
     assert router_kv_bytes(url) == 5120.0
+    body["text"] = b'ampd_router_rounds_total{first="true"} 3.0\n'  # our router, nothing moved yet
+    assert router_kv_bytes(url) == 0.0
     body["text"] = b"vllm:num_requests_running 0\n"  # an engine or vllm-router: no such counter
     assert router_kv_bytes(url) is None
 
