@@ -67,3 +67,19 @@ def test_failed_runs_are_left_out_and_outputs_are_written(tmp_path):
     assert "ampd − llmd" in md and "load test wrote no report" in md
     single = te.analyse(runs({("ampd*", 0.8, 0): 0.6, ("colocated", 0.8, 0): 0.5}), te.OURS)["paired"][0]
     assert "single run — no interval" in te.reading(single)
+
+
+def test_demo_accepts_the_new_deployments_and_rejects_unknown_ones():
+    import shutil
+
+    import click
+
+    from ampd_plugin.demo import POLICIES, check_policy_spec
+
+    assert POLICIES == ("ampd*", "vllm-today", "colocated")
+    for spec in ("ampd*", "colocated", "dynamo", "llmd:non_cached_tokens=64"):
+        check_policy_spec(spec)
+    if shutil.which("vllm-router"):
+        check_policy_spec("vllm-today")
+    with pytest.raises(click.BadParameter, match="unknown policy 'vllm-tomorrow'"):
+        check_policy_spec("vllm-tomorrow")
