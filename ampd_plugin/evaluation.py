@@ -266,10 +266,14 @@ def run_one(spec: str, workers, dep, model: Path, rate: float, seed: int, sessio
             router.stop()
         if dep is not None:
             dep.stop_router()
-        after = engine_counters(urls)
-        run.tokens = {w: {k: after[w][k] - before[w][k] for k in SOURCES} for w in after}
-        run.kv_tokens_received = sum(t["external_kv_transfer"] for t in run.tokens.values())
-        run.ampd_kv_read_bytes = sum(after[w]["ampd_kv_read_bytes"] - before[w]["ampd_kv_read_bytes"] for w in after)
+        try:
+            after = engine_counters(urls)
+        except OSError as exc:  # an engine died: the run's numbers cannot be trusted
+            run.failure = run.failure or f"engine counters unreadable after the run: {exc}"
+        else:
+            run.tokens = {w: {k: after[w][k] - before[w][k] for k in SOURCES} for w in after}
+            run.kv_tokens_received = sum(t["external_kv_transfer"] for t in run.tokens.values())
+            run.ampd_kv_read_bytes = sum(after[w]["ampd_kv_read_bytes"] - before[w]["ampd_kv_read_bytes"] for w in after)
         if samples is not None and samples[seen:]:
             run.foreign_cores_max = max(samples[seen:])
     return run
