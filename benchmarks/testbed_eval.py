@@ -187,19 +187,35 @@ def evaluate(args) -> int:
         meta["foreign_worst"] = sampler.worst.foreign_cores if sampler.worst else 0.0
         meta["foreign_worst_who"] = sampler.worst.describe() if sampler.worst else ""
     meta["loadavg_after"] = Path("/proc/loadavg").read_text().split()[:3]
+    return report(runs, meta, out)
+
+
+def report(runs: list[Run], meta: dict, out: Path) -> int:
+    """Analyse, plot and summarise `runs` into `out` (also used by --report-only on a saved results.json)."""
     analysis = analyse(runs, OURS)
-    busy_note = (f" — MACHINE BUSY (≤ {meta['foreign_worst']:.1f} foreign cores)"
-                 if meta["foreign_worst"] > BUSY_CORES else "")
+    worst = meta.get("foreign_worst", 0.0)
+    busy_note = f" — MACHINE BUSY (≤ {worst:.1f} foreign cores)" if worst > BUSY_CORES else ""
     plot(analysis, out / "attainment.png",
-         f"testbed: attainment vs rate, mean ± 95 % bootstrap ({len(seeds)} seeds){busy_note}")
+         f"testbed: attainment vs rate, mean ± 95 % bootstrap ({len(meta['seeds'])} seeds){busy_note}")
     (out / "results.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in runs],
                                                   "analysis": analysis}, indent=1) + "\n")
     md = summary_markdown(runs, analysis, meta)
     (out / "summary.md").write_text(md)
     print(md)
-    if meta["foreign_worst"] > BUSY_CORES:
-        loud(f"THE MACHINE WAS BUSY DURING THE RUNS: {meta['foreign_worst_who']}. Treat these figures as noise.")
+    if worst > BUSY_CORES:
+        loud(f"THE MACHINE WAS BUSY DURING THE RUNS: {meta.get('foreign_worst_who', '')}. Treat these figures as noise.")
     return 0 if runs and all(not r.failure for r in runs) else 1
+
+
+def report_only(path: Path) -> int:
+    """Re-analyse a results.json (a finished run, or the partial one an interrupted run leaves)."""
+    data = json.loads(path.read_text())
+    runs = [Run(**r) for r in data["runs"]]
+    meta = data["meta"]
+    if "foreign_worst" not in meta:  # interrupted: take the worst window the runs recorded
+        meta["foreign_worst"] = max((r.foreign_cores_max or 0.0 for r in runs), default=0.0)
+        meta["partial"] = True
+    return report(runs, meta, path.parent)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policies", default=",".join(POLICIES), help=f"subset of {', '.join(POLICIES)}")
     ap.add_argument("--out", default="testbed-eval-out")
     ap.add_argument("--refuse-busy", action="store_true", help="exit 3 instead of running when the machine is busy")
+    ap.add_argument("--report-only", metavar="RESULTS_JSON", help="only re-analyse a saved results.json (no engines)")
     args = ap.parse_args(argv)
+    if args.report_only:
+        return report_only(Path(args.report_only))
     args.seeds = args.seeds or (2 if args.quick else 5)
     args.rates = args.rates or ("0.4,0.8" if args.quick else "0.4,0.6,0.8")
     args.duration = args.duration or (25.0 if args.quick else 60.0)

@@ -83,3 +83,16 @@ def test_demo_accepts_the_new_deployments_and_rejects_unknown_ones():
         check_policy_spec("vllm-today")
     with pytest.raises(click.BadParameter, match="unknown policy 'vllm-tomorrow'"):
         check_policy_spec("vllm-tomorrow")
+
+
+def test_report_only_reanalyses_a_partial_results_file(tmp_path):
+    import json
+    from dataclasses import asdict
+
+    rs = runs({("ampd*", 0.8, 0): 0.7, ("ampd*", 0.8, 1): 0.8, ("vllm-today", 0.8, 0): 0.5, ("vllm-today", 0.8, 1): 0.6})
+    rs[0].foreign_cores_max = 0.9
+    meta = {"mode": "quick", "started": "now", "seeds": [0, 1], "rates": [0.8], "duration_s": 25, "foreign_before": 0.1}
+    (tmp_path / "results.json").write_text(json.dumps({"meta": meta, "runs": [asdict(r) for r in rs]}))
+    assert te.main(["--report-only", str(tmp_path / "results.json")]) == 0
+    md = (tmp_path / "summary.md").read_text()
+    assert "ampd* − vllm-today" in md and "0.90 cores" in md and (tmp_path / "attainment.png").exists()
