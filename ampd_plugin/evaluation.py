@@ -40,6 +40,8 @@ POLICY_ALIASES = {"ampd*": "ampd:predictive=true:itl_aware=true", "dynamo": "dyn
 VLLM_TODAY = "vllm-today"  # not a router policy: vLLM's in-tree MooncakeConnector + vllm-router
 ROUTER_START_TIMEOUT_S = 60
 SOURCES = ("local_compute", "local_cache_hit", "external_kv_transfer")
+# A percentile bootstrap over fewer pairs is little more than their range: no verdict below this many.
+MIN_PAIRS = 5
 
 
 def connector_kind(spec: str) -> str:
@@ -323,7 +325,7 @@ def analyse(runs: list[Run], ours: tuple[str, ...]) -> dict:
             mean, lo, hi = bootstrap_mean_ci(diffs)
             paired.append({"rate": rate, "ours": mine, "best_baseline": best, "n": len(diffs), "mean_diff": mean,
                            "ci_low": lo, "ci_high": hi, "diffs": diffs,
-                           "significant": lo is not None and len(diffs) >= 2 and (lo > 0 or hi < 0)})
+                           "significant": lo is not None and len(diffs) >= MIN_PAIRS and (lo > 0 or hi < 0)})
     return {"rates": rates, "curves": curves, "paired": paired}
 
 
@@ -334,6 +336,8 @@ def reading(p: dict) -> str:
         return (f"{head} from a single run — no interval; the run-to-run spread on this testbed is about ±20 points, "
                 f"so this says nothing yet (use several paired runs)")
     ci = f"95 % CI [{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}] over {p['n']} paired runs"
+    if p["n"] < MIN_PAIRS:
+        return f"{head}, {ci}: too few pairs (< {MIN_PAIRS}) for the interval to support any verdict"
     if not p["significant"]:
         return f"{head}, {ci}: the interval includes 0, not a significant difference"
     return f"{head}, {ci}: significantly {'better' if p['ci_low'] > 0 else 'worse'}"

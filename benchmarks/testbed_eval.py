@@ -51,6 +51,7 @@ from ampd_plugin.evaluation import (  # noqa: E402
     DEMO_SLO_TARGET,
     DEMO_TTFT_SLO,
     DEMO_WORKLOAD,
+    MIN_PAIRS,
     VLLM_TODAY,
     Run,
     analyse,
@@ -117,7 +118,8 @@ def summary_markdown(runs: list[Run], analysis: dict, meta: dict) -> str:
     lines += ["", "| rate | ours − best baseline | n | mean diff (points) | 95 % CI | reading |", "|---|---|---|---|---|---|"]
     for p in analysis["paired"]:
         ci = "–" if p["ci_low"] is None else f"[{100 * p['ci_low']:+.1f}, {100 * p['ci_high']:+.1f}]"
-        verdict = ("significant" if p["significant"] else "not significant") if p["n"] >= 2 else "one seed: no interval"
+        verdict = ("significant" if p["significant"] else "not significant") if p["n"] >= MIN_PAIRS else \
+            f"too few pairs (< {MIN_PAIRS}): no verdict"
         lines.append(f"| {p['rate']:g} | {p['ours']} − {p['best_baseline']} | {p['n']} | {100 * p['mean_diff']:+.1f} | "
                      f"{ci} | {verdict} |")
     lines += [""] + [f"- {reading(p)}" for p in analysis["paired"]]
