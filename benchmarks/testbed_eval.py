@@ -86,8 +86,12 @@ def plot(analysis: dict, path: Path, title: str) -> None:
         highs = [curve[k][2] for k in keys]
         if all(v is not None for v in lows + highs):
             ax.fill_between(rates, [100 * v for v in lows], [100 * v for v in highs], color=line.get_color(), alpha=0.15)
+            ax.errorbar(rates, mean, yerr=[[m - 100 * lo for m, lo in zip(mean, lows)],
+                                           [100 * hi - m for m, hi in zip(mean, highs)]],
+                        fmt="none", ecolor=line.get_color(), capsize=4, alpha=0.8)
     ax.axhline(100 * DEMO_SLO_TARGET, color="grey", ls=":", lw=1, label=f"target {100 * DEMO_SLO_TARGET:.0f} %")
-    ax.set(xlabel="session rate (sessions/s)", ylabel="round SLO attainment (%)", ylim=(0, 105), title=title)
+    ax.set(xlabel="session rate (sessions/s)", ylabel="round SLO attainment (%)", ylim=(0, 105))
+    ax.set_title(title, fontsize=9, wrap=True)
     ax.legend(fontsize=8, loc="lower left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
