@@ -86,7 +86,8 @@ class DynamoPolicy(BasePolicy):
         """Dynamo's prefill-busy line: tokens in flight on the worker above the threshold."""
         if worker is None:
             return False
-        return sum(t.l_incr for t in worker.pending()) > self.prefill_busy_tokens
+        in_flight = ([worker.running] if worker.running is not None else []) + worker.queue
+        return sum(t.l_incr for t in in_flight) > self.prefill_busy_tokens
 
     def decode_busy(self, task: PrefillTask, d: WorkerState) -> bool:
         """Dynamo's decode gate: the decode worker's projected KV use (with this round) over the line."""
