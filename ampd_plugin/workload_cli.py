@@ -34,8 +34,9 @@ def gen(profile: str, sessions: int, rate: float, seed: int, out: str) -> None:
 
 @workload.command()
 @click.argument("trace", type=click.Path(exists=True, dir_okay=False))
-@click.option("--input-mode", type=click.Choice(INPUT_MODES), default="incremental", show_default=True,
-              help="Whether input_length is each round's new tokens (AIPerf, ours) or the whole prompt (Mooncake).")
+@click.option("--input-mode", type=click.Choice(INPUT_MODES), default=None,
+              help="Whether input_length is each round's new tokens or the whole prompt (default: the format's "
+                   "convention — Mooncake/AIPerf/ours incremental, Bailian cumulative).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of a table.")
 def stats(trace: str, input_mode: str, as_json: bool) -> None:
     """Summarise a JSONL trace: sessions, rounds, token lengths, delays, arrival span."""

@@ -28,6 +28,7 @@ from ampd_plugin.loadtest.prompts import TextSynthesizer, discover_model, load_t
 from ampd_plugin.loadtest.records import RecordStore
 from ampd_plugin.loadtest.schedule import DEFAULT_RATE, DEFAULT_SESSIONS, SessionSchedule, Shard, build_sessions
 from ampd_plugin.loadtest.session import RoundResult, SessionPlayer
+from ampd_plugin.loadtest.where import router_kv_bytes
 
 log = logging.getLogger("ampd.loadtest")
 
@@ -38,6 +39,7 @@ MAX_ROUND_EVENT_NAMES = 10  # TTFT rows per round index in the web UI: r0..r9, t
 state = SimpleNamespace(
     store=RecordStore(), schedule=None, synthesizer=None, model="", t0=0.0, shard=Shard(),
     hello=set(), done_workers=set(), reported=False, report=None, tokenizer_name="", setup_error=None,
+    kv0=None,
 )
 
 
@@ -45,7 +47,7 @@ state = SimpleNamespace(
 def add_arguments(parser) -> None:
     g = parser.add_argument_group("ampd-plugin multi-round sessions")
     g.add_argument("--workload", default="toolbench",
-                   help="Workload profile name (toolbench, gaia, hotpotqa, dureader) or a trace file path")
+                   help="Workload profile name (toolbench, gaia, hotpotqa, dureader, coding-agent) or a trace file path")
     g.add_argument("--trace", default="", help="JSONL trace file (Mooncake/AIPerf schema); overrides --workload")
     g.add_argument("--sessions", type=int, default=None,
                    help=f"Number of sessions to play (profile default {DEFAULT_SESSIONS}; trace default: all)")
@@ -116,6 +118,8 @@ def on_test_start(environment, **_kw) -> None:
     state.reported, state.report, state.setup_error = False, None, None
     state.done_workers.clear()
     runner = environment.runner
+    if not isinstance(runner, WorkerRunner):
+        state.kv0 = router_kv_bytes(environment.host)  # what the router had counted before this test
     if isinstance(runner, MasterRunner):
         state.hello.clear()
         state.t0 = time.time()
@@ -299,6 +303,7 @@ def finish_report(environment) -> dict | None:
     if state.setup_error:
         meta["setup_error"] = state.setup_error
     report = reporting.build_report(records, opts.ttft_slo, opts.itl_slo, opts.slo_target, meta)
+    reporting.add_router_kv_bytes(report, getattr(state, "kv0", None), router_kv_bytes(environment.host))
     paths = reporting.write_report(report, records, opts.report_dir)
     reporting.print_report(report)
     log.info("report written: %s", ", ".join(str(p) for p in paths.values()))

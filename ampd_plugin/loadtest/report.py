@@ -60,6 +60,24 @@ def build_report(
     return report
 
 
+def add_router_kv_bytes(report: dict, before: float | None, after: float | None) -> None:
+    """`report["router_kv_bytes_moved"]`: the router's own counter (its /metrics before/after the test).
+
+    The router sends no per-round byte header, so the records' `kv_bytes` (and the summary, which is always
+    re-derivable from the records) stay 0; the router's `ampd_router_kv_bytes_moved_total` is what it
+    reports — its estimate for the whole test window (other traffic to the same router counts too). The
+    source is recorded so a reader knows which figure they see."""
+    if report["summary"]["kv_bytes_moved"]:
+        report["router_kv_bytes_moved"] = None
+        report["meta"]["kv_bytes_source"] = "x-ampd-kv-bytes response headers"
+    elif before is not None and after is not None:
+        report["router_kv_bytes_moved"] = int(max(0.0, after - before))
+        report["meta"]["kv_bytes_source"] = "router /metrics ampd_router_kv_bytes_moved_total (router's estimate)"
+    else:
+        report["router_kv_bytes_moved"] = None
+        report["meta"]["kv_bytes_source"] = "not reported by this server"
+
+
 def exit_code(report: dict) -> int:
     """0 when attainment ≥ target; 1 below it; 2 when nothing was measured (a broken run is not a pass)."""
     if not report["summary"]["rounds"]:
@@ -190,9 +208,10 @@ def print_report(report: dict, console=None) -> None:
               " / ".join(_fmt(ip[k], 1000, " ms") for k in ("p50", "p95", "p99")))
     t.add_row("longest token gap p95", _fmt(report["max_gap_percentiles"]["p95"], 1000, " ms"))
     t.add_row("attainment by round", "  ".join(f"r{k}:{100 * v:.0f}%" for k, v in report["attainment_by_round"].items()))
-    if s["local_fraction"] or s["kv_bytes_moved"]:
+    kv = s["kv_bytes_moved"] or report.get("router_kv_bytes_moved")
+    if s["local_fraction"] or kv:
         t.add_row("local prefill fraction", f"{100 * s['local_fraction']:.1f} %")
-        t.add_row("KV bytes moved", f"{s['kv_bytes_moved']:,}")
+        t.add_row("KV bytes moved", f"{kv or 0:,} ({report['meta'].get('kv_bytes_source', '?')})")
     if report["late_starts"]:
         t.add_row("[yellow]sessions started > 1 s late[/]", str(report["late_starts"]))
     for kind, n in report["errors_by_kind"].items():

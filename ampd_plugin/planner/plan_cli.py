@@ -57,7 +57,7 @@ def _served_model(model: str, explicit: str | None) -> str:
               help="GPUs per node (TP stays inside a node); default: the GPU preset's, else 8.")
 @click.option("--link-bw", type=float, callback=_positive, help="Intra-node bandwidth per GPU, GB/s one direction.")
 @click.option("--net-bw", type=float, callback=_positive, help="Cross-node bandwidth per GPU, GB/s one direction.")
-@click.option("--workload", required=True, help="Workload profile (toolbench, gaia, hotpotqa, dureader) or a JSONL trace.")
+@click.option("--workload", required=True, help="Workload profile (toolbench, gaia, hotpotqa, dureader, coding-agent) or a JSONL trace.")
 @click.option("--rate", type=float, required=True, callback=_positive, help="Session arrival rate (sessions/s).")
 @click.option("--sessions", type=int, default=400, show_default=True, callback=_positive,
               help="Sessions sampled to characterise the workload (and simulated per rate).")

@@ -122,6 +122,27 @@ class BasePolicy:
                     best, best_load = worker, load
         return best
 
+    def cache_aware_prefill(self, task: PrefillTask, cluster: ClusterState, now: float) -> WorkerState | None:
+        """The live prefill worker with the least predicted work to finish this task, counting only the
+        part of its prompt the worker does not cache (`cached_prefix`) plus its pending queue.
+
+        The KV-aware prefill choice of Dynamo's router and llm-d's prefix-cache scorer: both weigh the
+        prefix a worker already holds against its load. First in id order on ties.
+        """
+        best, best_cost = None, float("inf")
+        total = task.l_hist + task.l_incr
+        for worker in cluster.prefill.values():
+            if not worker.alive:
+                continue
+            cached = min(total - 1, worker.cached_prefix.get(task.session_id, 0)) if total > 0 else 0
+            compute = self._t_pre(max(0, cached), max(1, total - max(0, cached)), worker.layout)
+            if compute >= best_cost:
+                continue
+            cost = compute + self.backlog(worker, now, best_cost - compute)
+            if cost < best_cost or best is None:
+                best, best_cost = worker, cost
+        return best
+
     # -- hooks --------------------------------------------------------------------------------
     @hookimpl
     def bind_session(self, session: SessionInfo, cluster: ClusterState) -> str | None:

@@ -58,7 +58,7 @@ def test_trace_file_workload(tmp_path):
 @pytest.mark.parametrize("extra,message", [
     (["--prefill", "2y4"], "bad pool '2y4'"),
     (["--decode", "x"], "bad pool 'x'"),
-    (["--policy", "fastest"], "known policies: ampd, colocated, disagg, threshold"),
+    (["--policy", "fastest"], "known policies: ampd, colocated, disagg, dynamo, llmd, threshold"),
     (["--rate", "0"], "0.0 is not in the range x>0"),
     (["--ttft-slo", "-1"], "not in the range x>0"),
     (["--itl-slo", "0"], "not in the range x>0"),
