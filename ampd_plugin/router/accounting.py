@@ -25,18 +25,34 @@ class RoundAccounting:
         self.cfg, self.cluster, self.policy, self.cost_model = cfg, cluster, policy, cost_model
         self.metrics, self.ledger = metrics, ledger
 
-    def finish(self, ctx: RoundCtx, *, ttft: float | None, t_first: float | None, t_last: float | None,
-               n_out: int, ok: bool) -> None:
+    def first_token(self, ctx: RoundCtx, t_first: float, source: str) -> None:
+        """TTFT, recorded the moment the first token reaches the router (once per round).
+
+        It belongs to the worker that actually prefilled (`ctx.prefiller`): the prefill worker whose KV the
+        decode worker used, else the decode worker itself (local plans, remote plans that fell back).
+        """
+        if ctx.ttft is not None:
+            return
+        ttft = max(0.0, t_first - ctx.t0)
+        ctx.ttft, ctx.ttft_source = ttft, source
+        now = time.monotonic()
+        prefiller = ctx.prefiller
+        self.cluster.record_ttft(prefiller, now, ttft)
+        self.policy.on_metrics(prefiller, "ttft", ttft, now)
+        self.metrics.ttft.labels(prefiller, ctx.route.kind if ctx.route else "local").observe(ttft)
+
+    def finish(self, ctx: RoundCtx, *, t_first: float | None, t_last: float | None, n_out: int, ok: bool) -> None:
+        """The round is over: its TPOT sample, the KV the decode worker now holds, metrics, the decision log.
+
+        TPOT is `slo.tpot(t_first, t_last, n_out)` for every round with two tokens or more, streaming or
+        not (non-streaming: t_first is the TTFT instant, t_last the response's arrival, n_out from usage).
+        """
         now = time.monotonic()
         s, route, plan = ctx.session, ctx.route, ctx.plan
+        if ok and t_first is not None:
+            self.first_token(ctx, t_first, ctx.ttft_source or "stream")
+        ttft = ctx.ttft
         tpot = slo.tpot(t_first, t_last, n_out) if (t_first is not None and t_last is not None) else None
-        prefiller = route.worker if route and route.kind == "remote" else ctx.decode
-        if ttft is None and route and route.kind == "remote" and ctx.prefill_done is not None:
-            ttft = ctx.prefill_done - ctx.t0  # non-streaming: the prefill's completion stands in
-        if ok and ttft is not None:
-            self.cluster.record_ttft(prefiller, now, ttft)
-            self.policy.on_metrics(prefiller, "ttft", ttft, now)
-            self.metrics.ttft.labels(prefiller, route.kind if route else "local").observe(ttft)
         if ok and tpot is not None:
             self.cluster.record_itl(ctx.decode, now, tpot)
             self.policy.on_metrics(ctx.decode, "itl", tpot, now)
@@ -60,11 +76,11 @@ class RoundAccounting:
             decisions.info(orjson.dumps({
                 "event": "round", "session": s.session_id, "round": ctx.task.round_index if ctx.task else None,
                 "plan": plan.name if plan else None, "route": route.kind if route else None,
-                "worker": route.worker if route else None, "decode": ctx.decode,
+                "worker": route.worker if route else None, "decode": ctx.decode, "prefilled_on": ctx.prefiller,
                 "reason": route.reason if route else None, "fallback": ctx.fallback or None,
                 "l_hist": ctx.task.l_hist if ctx.task else None, "l_incr": ctx.task.l_incr if ctx.task else None,
                 "queue_wait_ms": round(ctx.queue_wait * 1e3, 3),
-                "ttft_ms": round(ttft * 1e3, 3) if ttft is not None else None,
+                "ttft_ms": round(ttft * 1e3, 3) if ttft is not None else None, "ttft_source": ctx.ttft_source or None,
                 "tpot_ms": round(tpot * 1e3, 3) if tpot is not None else None,
                 "out_tokens": n_out, "ok": ok,
             }).decode())

@@ -50,6 +50,7 @@ class RouterConfig:
     upstream_timeout_s: float = 600.0  # whole request
     read_timeout_s: float = 120.0  # between two chunks of a stream
     session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its KV counts as released)
+    session_wait_s: float = 60.0  # a round waits this long for its session's previous round, then 409
     log_level: str = "info"
     decision_log: bool = True
 
@@ -96,6 +97,8 @@ class RouterConfig:
                              "SGLang's PD wire has no such request (use --engine vllm or leave it at 0)")
         if not 0.0 <= self.balanced_pd_share < 1.0:
             raise ValueError("balanced_pd_share must be in [0, 1)")
+        if self.session_wait_s < 0:
+            raise ValueError("session_wait_s must be >= 0 seconds")
         if self.ttft_slo <= 0 or self.itl_slo <= 0:
             raise ValueError("SLOs must be positive seconds")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 from ampd_plugin.connector import params as wire
 from ampd_plugin.router import primitives as prim
@@ -33,11 +34,31 @@ class RoundCtx:
     xfer: str | None = None  # this attempt's KV transfer id, made when a step first needs one
     prefill_done: float | None = None  # when the remote prefill answered (a non-streaming round's TTFT)
     relay_started: bool = False  # a streaming relay owns the session's busy flag from here on
+    # The prefill worker whose prefill the generating worker actually used; None = the generating worker
+    # prefilled itself (local plans, and remote plans that fell back to local).
+    prefilled_on: str | None = None
+    ttft: float | None = None  # set once, when the first token reaches the router
+    ttft_source: str = ""  # "stream" (first token event), "prefill" (P's answer), "predicted" (local, non-streaming)
+    end_round: Callable[[], None] | None = None  # frees the session for its next round (called once)
 
     def new_attempt(self) -> None:
         """A retry is a new transfer with a new prefill."""
         self.xfer = None
         self.prefill_done = None
+        self.prefilled_on = None
+        self.ttft, self.ttft_source = None, ""
+
+    @property
+    def prefiller(self) -> str:
+        """The worker a TTFT sample belongs to: the prefill worker used, else the generating decode worker."""
+        return self.prefilled_on or self.decode
+
+    def finish_session_round(self) -> None:
+        """Release the session (its next round may start); idempotent."""
+        self.session.busy = False
+        done, self.end_round = self.end_round, None
+        if done is not None:
+            done()
 
     def xfer_id(self) -> str:
         if self.xfer is None:

@@ -23,9 +23,13 @@ from ampd_plugin.router_policy.state import WorkerState
 log = logging.getLogger("ampd.router")
 
 _COMPLETION_TOKENS = re.compile(rb'"completion_tokens":\s*(\d+)')
+_DRAIN_S = 5.0  # after the client left at [DONE], how long the router waits for the engine's end of stream
+_drains: set[asyncio.Task] = set()  # background drains (kept referenced until they end)
 
-# finish(ctx, ttft=, t_first=, t_last=, n_out=, ok=): the round's accounting (`RoundAccounting.finish`).
+# finish(ctx, t_first=, t_last=, n_out=, ok=): the round's accounting (`RoundAccounting.finish`).
 Finish = Callable[..., None]
+# first_token(ctx, t, source): TTFT recorded the moment the first token arrives (`RoundAccounting.first_token`).
+FirstToken = Callable[[RoundCtx, float, str], None]
 
 
 class Relay:
@@ -33,12 +37,17 @@ class Relay:
 
     Per chunk it only looks for event boundaries (no JSON parsing). `close()` is idempotent and runs
     the round's accounting exactly once, whether the stream ended, broke, or the client left.
+    A stream whose `data: [DONE]` event was relayed is a completed round even if the client then closes
+    before the engine's end of stream (the OpenAI SDK does): the router drains the rest itself.
     """
 
     def __init__(self, ctx: RoundCtx, resp: aiohttp.ClientResponse, d: WorkerState, *,
-                 release: Callable[[RoundCtx], None], finish: Finish, metrics: RouterMetrics) -> None:
+                 release: Callable[[RoundCtx], None], finish: Finish, metrics: RouterMetrics,
+                 first_token: FirstToken | None = None) -> None:
         self.ctx, self.resp, self.d = ctx, resp, d
         self._release, self._finish, self._metrics = release, finish, metrics
+        self._first_token = first_token
+        self.saw_done = False  # the engine's `[DONE]` event went through: the answer is complete
         self.n_out = 0
         self.t_first: float | None = None
         self.t_last: float | None = None
@@ -56,6 +65,9 @@ class Relay:
                     events = buf.split(b"\n\n")
                     buf = events.pop()
                     for ev in events:
+                        if ev.startswith(b"data: [DONE]"):
+                            self.saw_done = True
+                            continue
                         if b'"completion_tokens":' in ev:  # a usage chunk (client asked include_usage): exact count
                             m = _COMPLETION_TOKENS.search(ev)
                             if m:
@@ -66,6 +78,8 @@ class Relay:
                             if self.t_first is None:
                                 self.t_first = now
                                 self._release(self.ctx)  # the prefill is over: next task may start
+                                if self._first_token is not None:
+                                    self._first_token(self.ctx, now, "stream")
                 yield chunk
             self.ok = True
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
@@ -80,17 +94,29 @@ class Relay:
         self.closed = True
         if self.ok:
             self.resp.release()
+        elif self.saw_done:  # the client left after [DONE]: the answer is whole, read the engine's end
+            task = asyncio.ensure_future(_drain(self.resp))
+            _drains.add(task)
+            task.add_done_callback(_drains.discard)
         else:
             self.resp.close()  # dropping the connection makes the engine abort the request
         self.d.decoding -= 1
         ctx = self.ctx
         self._release(ctx)
-        ctx.session.busy = False
-        ttft = (self.t_first - ctx.t0) if self.t_first is not None else None
+        ctx.finish_session_round()
         # Token events undercount slightly (a token that decodes to "" sends an empty delta); the usage
         # chunk, when present, is exact.
         n_out = self.usage_tokens if self.usage_tokens is not None else self.n_out
-        self._finish(ctx, ttft=ttft, t_first=self.t_first, t_last=self.t_last, n_out=n_out, ok=self.ok)
+        self._finish(ctx, t_first=self.t_first, t_last=self.t_last, n_out=n_out, ok=self.ok or self.saw_done)
+
+
+async def _drain(resp: aiohttp.ClientResponse) -> None:
+    """Read what the engine still sends after [DONE] (normally nothing), then give the connection back."""
+    try:
+        await asyncio.wait_for(resp.read(), _DRAIN_S)
+        resp.release()
+    except Exception:  # noqa: BLE001 - an engine that does not end its stream is simply disconnected
+        resp.close()
 
 
 class RelayResponse(Response):

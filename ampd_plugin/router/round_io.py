@@ -75,7 +75,8 @@ class RoundIO:
         d.decoding += 1
         if ctx.stream:
             ctx.relay_started = True
-            relay = Relay(ctx, resp, d, release=self.release, finish=self.accounting.finish, metrics=self.metrics)
+            relay = Relay(ctx, resp, d, release=self.release, finish=self.accounting.finish, metrics=self.metrics,
+                          first_token=self.accounting.first_token)
             return RelayResponse(relay, headers=headers, media_type=resp.headers.get("content-type", "text/event-stream"))
         timer = None
         if not ctx.released and ctx.plan.queue_worker == step.worker:
@@ -96,8 +97,26 @@ class RoundIO:
         out = 0
         with contextlib.suppress(Exception):
             out = int(orjson.loads(data)["usage"]["completion_tokens"])
-        self.accounting.finish(ctx, ttft=None, t_first=None, t_last=t_done, n_out=out, ok=True)
+        self.accounting.finish(ctx, t_first=self.non_streaming_first_token(ctx, t_done), t_last=t_done, n_out=out, ok=True)
         return Response(data, media_type=_JSON, headers=headers)
+
+    def remote_first_token(self, ctx: RoundCtx) -> None:
+        """Non-streaming round whose prefill a prefill worker did: TTFT is recorded at P's answer.
+
+        Call once the generate step is built (so a fallback to local has already cleared `prefilled_on`).
+        """
+        if not ctx.stream and ctx.prefilled_on is not None and ctx.prefill_done is not None:
+            self.accounting.first_token(ctx, ctx.prefill_done, "prefill")
+
+    def non_streaming_first_token(self, ctx: RoundCtx, t_done: float) -> float:
+        """When a non-streaming round's first token existed: P's answer when P prefilled (already recorded),
+        else — the decode worker prefilled and its first token is invisible — the dispatch time plus the
+        cost model's predicted prefill, capped at the response's arrival."""
+        if ctx.ttft is not None:
+            return ctx.t0 + ctx.ttft
+        started = ctx.task.started_at if ctx.task and ctx.task.started_at is not None else ctx.t0
+        ctx.ttft_source = "predicted"
+        return min(t_done, started + self._predicted_prefill(ctx))
 
     def _predicted_prefill(self, ctx: RoundCtx) -> float:
         try:

@@ -26,9 +26,11 @@ from ampd_plugin.router.errors import RouterError, bad_request
 from ampd_plugin.router.executor import RoundExecutor
 from ampd_plugin.router.health import WorkerHealth
 from ampd_plugin.router.planning import RoundPlanner
+from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.round_io import RoundIO
-from ampd_plugin.router.sessions import PromptCounter, SessionStore, session_identity
+from ampd_plugin.router.session_lock import SessionLocks
+from ampd_plugin.router.sessions import SESSION_BODY_FIELDS, PromptCounter, SessionStore, session_identity
 from ampd_plugin.router.upstream import UpstreamTimeout, WorkerDown
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask
 
@@ -44,6 +46,7 @@ class RoundRunner:
         self.cfg, self.cluster, self.sessions, self.queues = cfg, cluster, sessions, queues
         self.planner, self.executor, self.io, self.accounting, self.health = planner, executor, io, accounting, health
         self.counter = counter  # loaded at start-up when not given
+        self.locks = SessionLocks(cfg.session_wait_s)
         # One thread: HF fast tokenizers must not be called concurrently (their Rust object is borrowed).
         self._tokenize_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ampd-tokenize")
 
@@ -52,8 +55,28 @@ class RoundRunner:
 
     async def run(self, headers: Mapping[str, str], body: dict, chat: bool, t0: float) -> Response:
         sid, explicit = session_identity(headers, body)
-        body.pop("session_id", None)
+        for name in SESSION_BODY_FIELDS:
+            body.pop(name, None)
         body.pop("kv_transfer_params", None)  # transfers are the router's business, never the client's
+        if not explicit:
+            return await self._run(sid, False, body, chat, t0, headers, None)
+        await self.locks.acquire(sid)  # one round of a session at a time (bounded wait, then 409)
+        released = False
+
+        def unlock() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.locks.release(sid)
+
+        try:
+            return await self._run(sid, True, body, chat, t0, headers, unlock)
+        except BaseException:
+            unlock()  # failed before a relay took the round over (a relay is only made at the very end)
+            raise
+
+    async def _run(self, sid: str, explicit: bool, body: dict, chat: bool, t0: float,
+                   headers: Mapping[str, str], unlock) -> Response:
         session = self.sessions.get(sid, explicit)
         counter = self.counter or PromptCounter(None)
         prompt = counter.render(body, chat)
@@ -70,9 +93,11 @@ class RoundRunner:
             raise bad_request(f"the prompt has {n} tokens; this model's context is {limit}",
                               "context_length_exceeded", "messages" if chat else "prompt")
         if not extends and session.resident_tokens:
-            session.resident_tokens = 0  # the client rewrote history: what the worker holds is not a prefix
+            # the client rewrote history: what the worker holds is not a prefix of the new prompt
+            self.accounting.ledger.settle(session, None, 0)
         ctx = RoundCtx(session, chat, body, body.get("stream") is True, prompt, n, t0,
                        headers.get("x-request-id") or f"ampd-{next(_request_ids)}")
+        ctx.end_round = unlock  # the relay calls it when a streamed round ends, else the `finally` below
         session.busy = True
         try:
             for attempt in range(_MAX_ATTEMPTS):
@@ -86,12 +111,12 @@ class RoundRunner:
                         raise RouterError(503, "no live engine could serve the request", "no_worker") from None
                 except UpstreamTimeout as exc:
                     self.io.release(ctx)
-                    self.accounting.finish(ctx, ttft=None, t_first=None, t_last=None, n_out=0, ok=False)
+                    self.accounting.finish(ctx, t_first=None, t_last=None, n_out=0, ok=False)
                     raise RouterError(504, f"the engine ({exc.worker_id}) did not answer in time", "upstream_timeout") from None
             raise AssertionError("unreachable")
         finally:
             if not ctx.stream or not ctx.relay_started:
-                session.busy = False
+                ctx.finish_session_round()
 
     async def _attempt(self, ctx: RoundCtx) -> Response:
         ctx.new_attempt()

@@ -25,6 +25,7 @@ from ampd_plugin.costmodel import CostModel, Layout
 from ampd_plugin.router import intake
 from ampd_plugin.router.accounting import RoundAccounting
 from ampd_plugin.router.config import RouterConfig
+from ampd_plugin.router.engine_metrics import EngineSignals
 from ampd_plugin.router.errors import RouterError
 from ampd_plugin.router.executor import make_executor
 from ampd_plugin.router.health import WorkerHealth
@@ -67,6 +68,7 @@ class Router:
                 w.kv_capacity_tokens = capacity
             self.cluster.add_worker(w)
             self.metrics.worker_up.labels(ep.worker_id, ep.kind).set(1)
+        self.engine_signals = EngineSignals(self.cluster, cfg.decode_kv_tokens)
         self.sessions = SessionStore(cfg.session_ttl_s)
         self.queues = PrefillQueues(self.cluster, self._order, self._slots, self._on_queue)
         self.ledger = KVLedger(self.cluster, self.sessions)
@@ -114,7 +116,8 @@ class Router:
             self.rounds.counter = PromptCounter.load(self.cfg.tokenizer or _local_dir((card or {}).get("root")))
         if self.cfg.max_prompt_tokens is None and card and isinstance(card.get("max_model_len"), int):
             self.cfg.max_prompt_tokens = card["max_model_len"]
-        self._bg.append(asyncio.create_task(self.upstreams.health_loop(self.cfg.health_interval_s, self.health_state.tick)))
+        await self._poll_engines()
+        self._bg.append(asyncio.create_task(self.upstreams.health_loop(self.cfg.health_interval_s, self._health_tick)))
         # Everything loaded so far (tokenizer, libraries) lives for the whole run: keep it out of the
         # garbage collector's scans so a full collection never pauses the relay.
         gc.collect()
@@ -134,6 +137,18 @@ class Router:
         self._bg.clear()
         await self.upstreams.close()
         self.rounds.close()
+
+    async def _health_tick(self, result: dict[str, bool]) -> None:
+        self.health_state.tick(result)
+        await self._poll_engines()
+
+    async def _poll_engines(self) -> None:
+        """Each live worker's own /metrics (running, waiting, KV usage and capacity, prefix hits)."""
+        ids = [wid for wid in self.eps if self.cluster.worker(wid).alive]
+        pages = await asyncio.gather(*(self.upstreams.get(wid, "/metrics") for wid in ids))
+        for wid, got in zip(ids, pages):
+            ok = got is not None and got[0] == 200
+            self.engine_signals.apply(wid, got[1].decode("utf-8", "replace") if ok else None)
 
     def _capacity(self) -> int:
         try:

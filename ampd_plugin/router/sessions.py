@@ -1,7 +1,7 @@
 """Session identity and incremental prompt-length counting.
 
-Identity, first match wins: the `X-Session-ID` header, a `session_id` body field, the OpenAI `user`
-field. A request with none of them is a one-round session: it is routed like any first round and
+Identity, first match wins: the `X-Session-ID` header, a `session_id` body field, a `conversation_id`
+body field (vLLM's multi-turn benchmark convention), the OpenAI `user` field. A request with none of them is a one-round session: it is routed like any first round and
 forgotten when it ends.
 
 Why a local tokenizer (not the engine's `/tokenize`): the router needs `l_hist`/`l_incr` *before* it
@@ -27,6 +27,8 @@ log = logging.getLogger("ampd.router")
 
 SESSION_HEADER = "x-session-id"
 SESSION_FIELD = "session_id"
+CONVERSATION_FIELD = "conversation_id"  # vLLM's multi-turn benchmark client and proxy send this
+SESSION_BODY_FIELDS = (SESSION_FIELD, CONVERSATION_FIELD)  # removed before the request reaches an engine
 MAX_SESSION_ID_LEN = 256
 _RUN = uuid.uuid4().hex[:8]  # anonymous ids are unique per router process without a uuid per request
 _anonymous = itertools.count()
@@ -34,7 +36,8 @@ _anonymous = itertools.count()
 
 def session_identity(headers: Mapping[str, str], body: dict) -> tuple[str, bool]:
     """(session id, explicit?) for a request; anonymous requests get a fresh one-round id."""
-    for candidate in (headers.get(SESSION_HEADER), body.get(SESSION_FIELD), body.get("user")):
+    for candidate in (headers.get(SESSION_HEADER), body.get(SESSION_FIELD), body.get(CONVERSATION_FIELD),
+                      body.get("user")):
         if isinstance(candidate, (str, int)) and not isinstance(candidate, bool):
             sid = str(candidate).strip()
             if sid:

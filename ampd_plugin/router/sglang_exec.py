@@ -67,6 +67,7 @@ class SGLangExecutor:
     async def _remote(self, ctx: RoundCtx) -> Response:
         io, step, prefill_wid = self.io, ctx.plan.generate, ctx.route.worker
         wire = bodies_for_route(ctx.route, ctx.body, self.endpoints, rng=self.rng)
+        ctx.prefilled_on = prefill_wid  # TTFT belongs to P unless the round falls back to local below
         prefill = asyncio.create_task(self._prefill(ctx, prefill_wid, wire.prefill_body))
         decode = asyncio.create_task(io.post_generate(ctx, step, wire.decode_body))
         handed_over = False
@@ -84,6 +85,7 @@ class SGLangExecutor:
                                 prefill_wid, exc.status)
                     io.release(ctx)
                     ctx.fallback = "prefill-5xx"
+                    ctx.prefilled_on = None
                     ctx.plan = prim.local_plan(prim.RoundShape(ctx.decode, ctx.prompt_tokens, ctx.task.l_hist))
                     return await self._local(ctx)
                 if isinstance(exc, PrefillRejected):  # the engine refused the input itself: the client's error
@@ -110,6 +112,7 @@ class SGLangExecutor:
         if status != 200:
             raise PrefillRejected(wid, status, data)
         self.io.release(ctx)  # the prefill worker is free for its next queued task
+        self.io.remote_first_token(ctx)  # non-streaming: P's answer is the first visible sign of the prefill
 
     def _prefill_finished_late(self, task: asyncio.Task) -> None:
         self._background.discard(task)

@@ -35,7 +35,9 @@ class VLLMExecutor:
             previous = await self.prefill(ctx, step)
         if plan.queue_worker != plan.generate.worker:
             io.release(ctx)
-        return await io.generate(ctx, plan.generate, self.generate_body(ctx, plan.generate, previous))
+        body = self.generate_body(ctx, plan.generate, previous)
+        io.remote_first_token(ctx)
+        return await io.generate(ctx, plan.generate, body)
 
     async def prefill(self, ctx: RoundCtx, step: prim.Step) -> dict | None:
         """Run a prefill sub-request (max_tokens=1); returns its response kv_transfer_params.
@@ -61,6 +63,7 @@ class VLLMExecutor:
             io.metrics.errors.labels("prefill_failed").inc()
             log.warning("prefill on %s answered %s; the decode worker will compute the prompt", step.worker, status)
             ctx.fallback = "prefill-5xx"
+            ctx.prefilled_on = None
             return None
         if status != 200:  # the engine refused the input itself (e.g. too long): the client's error
             raise upstream_error(status, data)
@@ -69,6 +72,7 @@ class VLLMExecutor:
         except (orjson.JSONDecodeError, AttributeError):
             params = None
         err = wire.response_error(params)
+        ctx.prefilled_on = None if err else step.worker
         if err:
             io.metrics.errors.labels("kv_transfer").inc()
             log.warning("prefill on %s reported a transfer error: %s", step.worker, err)
@@ -85,6 +89,7 @@ class VLLMExecutor:
         except wire.ParamsError as exc:  # no usable source from the prefill: compute everything on D
             log.warning("no KV source for %s (%s); decode worker computes the whole prompt", ctx.session.session_id, exc)
             ctx.fallback = ctx.fallback or "no-kv-source"
+            ctx.prefilled_on = None  # the decode worker computes the whole prompt: its TTFT, not P's
             kv = wire.local_params(session=ctx.session_param)
         if self.kv_connector == "ampd":
             body["kv_transfer_params"] = kv

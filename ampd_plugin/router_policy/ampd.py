@@ -10,6 +10,16 @@ off by default so that `ampd` means the paper:
   queue, the running task's rest, the KV transfers and the prefill itself) is within α·SLO too — the
   windowed mean alone lags behind a queue that is building up; an idle worker always qualifies. Among
   the slack workers the one with the lowest predicted TTFT is taken (locality first when both are on).
+Missing samples. A window with no recent sample is *unknown*, not slack. The rules:
+
+- TTFT gate (step 1): a prefill worker with no recent TTFT sample has slack only if it is idle (nothing
+  running, nothing queued: there is nothing to wait behind) or, when it has work, if this task's
+  predicted TTFT there (Eq. 2: its queue, the running task's rest, the transfers, the prefill) is within
+  α·SLO. An unknown busy worker is judged by the cost model rather than assumed free.
+- ITL gate (step 2): a decode worker with no recent ITL sample has slack only if it is decoding nothing
+  (no running round whose ITL a local prefill could hurt); a batch with unknown ITL is not slack, so
+  the round goes to the cost-model fallback (step 3).
+
 - `itl_aware=True`: price the damage a local prefill does to the decode batch it pauses. Local is
   refused when the paused batch's predicted ITL would break the SLO, and the fallback picks the option
   with the fewest predicted SLO violations (TTFT of this task, ITL of the paused rounds), then the fastest.
@@ -75,7 +85,10 @@ class AMPDPolicy(BasePolicy):
         for p in cluster.prefill.values():
             if p.alive:
                 mean = p.ttft.mean(now)
-                if mean is None or mean <= gate:  # no recent sample = idle = slack
+                if mean is None:  # unknown: slack when idle, else when predicted within the gate
+                    if (p.running is None and not p.queue) or self._t_remote(task, p, d, now) <= gate:
+                        slack.append(p)
+                elif mean <= gate:
                     slack.append(p)
         if slack and self.predictive:
             predicted = {p.worker_id: self._t_remote(task, p, d, now) for p in slack}
@@ -96,7 +109,8 @@ class AMPDPolicy(BasePolicy):
         itl = d.itl.mean(now)
         t_local_pre = self.t_pre(task, d.layout)
         d_backlog = self.backlog(d, now)
-        if itl is None or itl <= self.beta * self.itl_slo:
+        itl_slack = (not d.decoding) if itl is None else itl <= self.beta * self.itl_slo  # unknown batch ≠ slack
+        if itl_slack:
             if not self.itl_aware or self._paused_itl(d, itl, t_local_pre + d_backlog) <= self.itl_slo:
                 return Route("local", d.worker_id, "itl-slack")
 

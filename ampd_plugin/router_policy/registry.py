@@ -95,7 +95,7 @@ def least_loaded_decode(cluster: ClusterState) -> str | None:
         bound[worker_id] = bound.get(worker_id, 0) + 1
 
     def key(w: WorkerState) -> tuple[float, int]:
-        used = w.kv_used_tokens / w.kv_capacity_tokens if w.kv_capacity_tokens > 0 else 0.0
+        used = w.kv_used_estimate / w.kv_capacity_tokens if w.kv_capacity_tokens > 0 else 0.0
         return (used, bound.get(w.worker_id, 0))
 
     return min(live, key=key).worker_id

@@ -103,6 +103,13 @@ class WorkerState:
     kv_used_tokens: int = 0
     # Prefill workers: tokens of each session's prefix this worker still caches (locality, optional).
     cached_prefix: dict[str, int] = field(default_factory=dict)
+    # What the engine itself reports (its /metrics, polled by the live router; None = not reported / no
+    # engine, e.g. in the simulator): requests running and waiting, KV cache usage (0..1, pinned session
+    # blocks included), prefix-cache hit rate since the previous poll (0..1).
+    engine_running: int | None = None
+    engine_waiting: int | None = None
+    engine_kv_usage: float | None = None
+    engine_prefix_hit_rate: float | None = None
     ttft: WindowedMean = field(init=False)
     itl: WindowedMean = field(init=False)
 
@@ -111,8 +118,16 @@ class WorkerState:
         self.itl = WindowedMean(self.window_s)
 
     @property
+    def kv_used_estimate(self) -> int:
+        """KV tokens in use: the engine's own report when it gives one (it sees pins, running requests and
+        evictions), else the driver's ledger (resident sessions)."""
+        if self.engine_kv_usage is not None and self.kv_capacity_tokens > 0:
+            return int(self.engine_kv_usage * self.kv_capacity_tokens)
+        return self.kv_used_tokens
+
+    @property
     def kv_free_tokens(self) -> int:
-        return max(0, self.kv_capacity_tokens - self.kv_used_tokens)
+        return max(0, self.kv_capacity_tokens - self.kv_used_estimate)
 
 
 @dataclass

@@ -225,3 +225,30 @@ def test_remote_rounds_read_the_history_from_the_decode_worker(pd_cluster, route
     history_read = [line for line in routers["remote"].metrics().splitlines()
                     if line.startswith('ampd_router_kv_bytes_moved_total{kind="history_read"}')]
     assert history_read and float(history_read[0].split()[-1]) > 0, history_read
+
+
+def test_openai_sdk_five_streaming_rounds_reuse_the_history_and_read_engine_signals(pd_cluster, routers):
+    """The OpenAI SDK closes each stream right after [DONE]; every round still counts, so rounds 2–5 reuse
+    the history (l_hist > 0 in the decision log), and the text equals the plain instance's. The router
+    also read the decode worker's KV capacity from the engine's own /metrics."""
+    import openai
+
+    router = routers["local"]
+    client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0)
+    messages = [{"role": "user", "content": "SDK session: name five rivers and one fact about each."}]
+    for k in range(5):
+        ref = answer(*post(pd_cluster.plain.url, "/v1/chat/completions", chat_body(messages))[:2], False)
+        stream = client.chat.completions.create(
+            model=client.models.list().data[0].id, messages=messages, max_tokens=MAX_TOKENS, temperature=0.0,
+            stream=True, extra_body={"ignore_eos": True}, extra_headers={"X-Session-ID": "sdk-real"})
+        got = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        assert got == ref, f"round {k}: {got!r} != plain {ref!r}"
+        messages = messages + [{"role": "assistant", "content": got}, {"role": "user", "content": f"Round {k + 2}: more."}]
+    client.close()
+    time.sleep(1.0)
+    rounds = [json.loads(line[line.index("{"):]) for line in router.log_path.read_text().splitlines()
+              if '"event":"round"' in line and '"sdk-real"' in line]
+    assert len(rounds) == 5 and all(r["ok"] for r in rounds), rounds
+    assert rounds[0]["l_hist"] == 0 and all(r["l_hist"] > 0 for r in rounds[1:]), [r["l_hist"] for r in rounds]
+    assert all(r["ttft_ms"] is not None and r["tpot_ms"] is not None for r in rounds)
+    assert "KV capacity" in router.log_path.read_text()  # taken from the engine's vllm:cache_config_info

@@ -48,6 +48,7 @@ class FakeEngine:
     name: str
     token_delay: float = 0.0
     first_token_delay: float = 0.0
+    tail_delay: float = 0.0  # between `data: [DONE]` and the end of the stream (a client may leave first)
     healthy: bool = True
     fail_status: int | None = None
     requests: list[dict] = field(default_factory=list)
@@ -143,6 +144,8 @@ class FakeEngine:
                 await resp.write(event({"id": "x", "model": MODEL, "choices": [],
                                         "usage": {"prompt_tokens": 10, "completion_tokens": n, "total_tokens": 10 + n}}))
             await resp.write(b"data: [DONE]\n\n")
+            if self.tail_delay:
+                await asyncio.sleep(self.tail_delay)
             await resp.write_eof()
             self.completed += 1
         except (ConnectionResetError, asyncio.CancelledError, aiohttp.ClientConnectionResetError):

@@ -141,9 +141,24 @@ def test_predictive_drops_busy_workers_whose_prediction_misses_the_gate():
     c = cluster(2, 1)
     for p in c.prefill.values():
         p.queue = [task(0, 1500, sid="x")]  # predicted 2.115 s > 0.9 * 2.0 although the windows are empty
-    assert ampd().route_prefill(task(), c).kind == "remote"
-    route = ampd(predictive=True).route_prefill(task(), c)
-    assert (route.kind, route.reason) == ("local", "itl-slack")
+    # An empty window on a busy worker is unknown, not slack: the paper's policy judges it by prediction too.
+    for policy in (ampd(), ampd(predictive=True)):
+        route = policy.route_prefill(task(), c)
+        assert (route.kind, route.reason) == ("local", "itl-slack")
+    for p in c.prefill.values():
+        p.queue = []  # idle with no sample: slack (nothing to wait behind)
+    assert ampd().route_prefill(task(), c).reason == "ttft-slack"
+
+
+def test_unknown_itl_of_a_running_batch_is_not_slack():
+    c = cluster(1, 1)
+    c.prefill["p0"].ttft.add(0.0, 10.0)  # no TTFT slack anywhere
+    d = c.decode["d0"]
+    assert ampd().route_prefill(task(), c).reason == "itl-slack"  # idle decode worker, no ITL sample: slack
+    d.decoding = 3  # rounds decoding, but no ITL sample yet: unknown → the cost-model fallback decides
+    assert ampd().route_prefill(task(), c).reason in ("cost-local", "cost-remote")
+    d.itl.add(0.0, 0.01)  # a known, low ITL: slack again
+    assert ampd().route_prefill(task(), c).reason == "itl-slack"
 
 
 def test_predictive_keeps_an_idle_worker_for_a_task_too_long_for_the_gate():

@@ -394,17 +394,20 @@ def test_odd_input_never_crashes_the_router(body):
 
 def test_ampd_reorders_the_prefill_queue_and_the_engine_runs_that_order():
     """Algorithm 2 live: behind a running prefill, a long task that cannot meet the TTFT SLO anyway is
-    overtaken by two short ones; the prefill worker receives them in the policy's order."""
+    overtaken by two short ones; the prefill worker receives them in the policy's order. A first round
+    ("W") gives the prefill worker a known, low TTFT window (an empty window on a busy worker is unknown,
+    not slack, and would send the long task elsewhere)."""
 
     async def main():
         async with RouterHarness(policy="ampd", ttft_slo=0.5, itl_slo=10.0) as h:
             h.prefill[0].first_token_delay = 0.15
-            contents = {"A": "first short one", "L": "long " * 480, "S1": "short one", "S2": "short two"}
+            contents = {"W": "warm up", "A": "first short one", "L": "long " * 480, "S1": "short one", "S2": "short two"}
 
             async def send(name, delay):
                 await asyncio.sleep(delay)
                 return await h.chat([{"role": "user", "content": contents[name]}], session=name)
 
+            assert (await send("W", 0))[0] == 200
             outs = await asyncio.gather(send("A", 0), send("L", 0.03), send("S1", 0.06), send("S2", 0.09))
             order = [next(k for k, v in contents.items() if r["messages"][0]["content"] == v)
                      for r in h.prefill[0].requests]
@@ -412,7 +415,7 @@ def test_ampd_reorders_the_prefill_queue_and_the_engine_runs_that_order():
 
     statuses, order, metrics = run(main())
     assert statuses == [200] * 4
-    assert order == ["A", "S1", "S2", "L"]
+    assert order == ["W", "A", "S1", "S2", "L"]
     assert 'ampd_router_reorderings_total{worker="prefill-0"} 2.0' in metrics  # S1 and S2 both overtook L
 
 

@@ -178,10 +178,15 @@ def test_progress_is_reported():
 
 
 def test_the_simulator_lets_the_policy_order_each_queue():
-    """Busy prefill worker, then a long and two short prefills queue up: Algorithm 2 runs the short ones first."""
+    """Busy prefill worker, then a long and two short prefills queue up: Algorithm 2 runs the short ones first.
+
+    A short first round ("warm") gives the prefill worker a known, low TTFT window, so the queued work is
+    sent there by the TTFT gate (an empty window on a busy worker is unknown, not slack).
+    """
     cost = FakeCost(step=0.001)
-    sessions = [session("busy", 0.0, (1000, 2, 0.0)), session("long", 0.1, (1500, 2, 0.0)),
-                session("s1", 0.2, (100, 2, 0.0)), session("s2", 0.3, (100, 2, 0.0))]
+    sessions = [session("warm", 0.0, (100, 2, 0.0)), session("busy", 0.15, (1000, 2, 0.0)),
+                session("long", 0.25, (1500, 2, 0.0)), session("s1", 0.35, (100, 2, 0.0)),
+                session("s2", 0.45, (100, 2, 0.0))]
     def ttfts(params):
         result = simulate(Deployment.parse("1", "1"), sessions, "ampd", cost, itl_slo=0.1, ttft_slo=1.5,
                           policy_params={**params, "alpha": 1.0, "beta": 0.01})
