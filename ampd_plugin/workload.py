@@ -280,16 +280,7 @@ def parse_trace(lines: Iterable[str], input_mode: InputMode = "incremental", sou
     if input_mode not in INPUT_MODES:
         raise ValueError(f"unknown input mode {input_mode!r}; expected one of {', '.join(INPUT_MODES)}")
     building: dict[str, _Building] = {}
-    for lineno, line in enumerate(lines, start=1):
-        where = f"{source}: line {lineno}"
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
-        if not isinstance(rec, dict):
-            raise TraceError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+    for lineno, where, rec in _json_lines(lines, source):
         sid = rec.get("session_id")
         sid = f"line-{lineno}" if sid is None else str(sid)
         raw_input = _field_int(rec, "input_length", where, 1)
@@ -366,7 +357,8 @@ def read_trace(path: str | Path, input_mode: InputMode | None = None) -> list[Se
 WORDS_PER_TOKEN = 0.75  # the load test's fallback rule when a turn gives text but no token count
 
 
-def _json_lines(lines: Iterable[str], source: str) -> Iterator[tuple[str, dict]]:
+def _json_lines(lines: Iterable[str], source: str) -> Iterator[tuple[int, str, dict]]:
+    """Each non-blank line as (line number, "source: line N", object); a bad line names itself."""
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -377,7 +369,7 @@ def _json_lines(lines: Iterable[str], source: str) -> Iterator[tuple[str, dict]]
             raise TraceError(f"{where}: not valid JSON ({exc.msg} at column {exc.colno})") from None
         if not isinstance(rec, dict):
             raise TraceError(f"{where}: expected a JSON object, got {type(rec).__name__}")
-        yield where, rec
+        yield lineno, where, rec
 
 
 def _turn_tokens(turn: dict, where: str) -> int:
@@ -400,7 +392,7 @@ def parse_aiperf_multi_turn(lines: Iterable[str], source: str = "trace", default
     leading `role: system` turn is prepended to the first turn, as AIPerf hoists it.
     """
     out: list[Session] = []
-    for where, rec in _json_lines(lines, source):
+    for _, where, rec in _json_lines(lines, source):
         turns = rec.get("turns")
         if not isinstance(turns, list) or not turns or not all(isinstance(t, dict) for t in turns):
             raise TraceError(f"{where}: 'turns' must be a non-empty list of objects")
@@ -444,7 +436,7 @@ def parse_bailian(lines: Iterable[str], source: str = "trace", input_mode: Input
         raise ValueError(f"unknown input mode {input_mode!r}; expected one of {', '.join(INPUT_MODES)}")
     chains: dict[int, list] = {}  # root chat id -> [session, last timestamp s, last prompt, last turn, last chat]
     root_of: dict[int, int] = {}
-    for where, rec in _json_lines(lines, source):
+    for _, where, rec in _json_lines(lines, source):
         chat = _field_int(rec, "chat_id", where, 0)
         parent = rec.get("parent_chat_id", -1)
         if isinstance(parent, bool) or not isinstance(parent, int):
