@@ -58,7 +58,11 @@ class _GreedyOption(click.Option):
 @click.option("--host", default=None, help="Bind address (default 127.0.0.1).")
 @click.option("--port", type=int, default=None, help="Port (default 8000).")
 @click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False), help="YAML file of router settings.")
-@click.option("--api-key", envvar="AMPD_ROUTER_API_KEY", default=None, help="Require 'Authorization: Bearer KEY' (env AMPD_ROUTER_API_KEY).")
+@click.option("--api-key", envvar="AMPD_ROUTER_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY'. Prefer env AMPD_ROUTER_API_KEY or --api-key-file: "
+                   "a key on the command line is visible to every local user in /proc (deprecated).")
+@click.option("--api-key-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="File holding the API key (first line); keeps the key out of argv and the environment.")
 @click.option("--tokenizer", "--model-dir", "tokenizer", default=None, help="Tokenizer dir/name (default: the engine's model dir when local).")
 @click.option("--model", default=None, help="Served model name (default: what the engines report).")
 @click.option("--profile", default=None, help="Fitted cost-model YAML from `ampd-plugin profile`.")
@@ -66,9 +70,15 @@ class _GreedyOption(click.Option):
 @click.option("--gpu", default=None, help="GPU preset for the roofline cost model.")
 @click.option("--balanced-pd-share", type=float, default=None, help="Strategy: P prefills this share of each remote prompt, D the rest.")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
-def route(prefill, decode, engine, bootstrap_ports, policy, params, kv_connector, ttft_slo, itl_slo, host, port, config_file, api_key,
-          tokenizer, model, profile, cost_model, gpu, balanced_pd_share, log_level) -> None:
+@click.pass_context
+def route(ctx, prefill, decode, engine, bootstrap_ports, policy, params, kv_connector, ttft_slo, itl_slo, host, port, config_file,
+          api_key, api_key_file, tokenizer, model, profile, cost_model, gpu, balanced_pd_share, log_level) -> None:
     """Run the multi-round-aware OpenAI-compatible router (binds 127.0.0.1 unless told otherwise)."""
+    key_on_argv = api_key is not None and ctx.get_parameter_source("api_key") == click.core.ParameterSource.COMMANDLINE
+    if api_key_file:
+        if api_key is not None:
+            raise click.UsageError("give the API key once: --api-key-file, or env AMPD_ROUTER_API_KEY / --api-key")
+        api_key = _read_key(api_key_file)
     cfg = RouterConfig.from_yaml(config_file) if config_file else RouterConfig()
     split = lambda urls: [u for item in urls for u in item.split()]  # noqa: E731
     try:
@@ -86,6 +96,10 @@ def route(prefill, decode, engine, bootstrap_ports, policy, params, kv_connector
         raise click.UsageError(str(exc))
     logging.basicConfig(level=cfg.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    if key_on_argv:
+        logging.getLogger("ampd.router").warning(
+            "--api-key on the command line is deprecated: every local user can read it in /proc/%d/cmdline; "
+            "use env AMPD_ROUTER_API_KEY or --api-key-file", __import__("os").getpid())
     from ampd_plugin.router.app import make_router
 
     try:
@@ -95,10 +109,18 @@ def route(prefill, decode, engine, bootstrap_ports, policy, params, kv_connector
     import uvicorn
 
     loop = "uvloop" if _has("uvloop") else "asyncio"
-    http = "httptools" if _has("httptools") else "h11"
     logging.getLogger("ampd.router").info("config: %s", cfg.redacted())
-    uvicorn.run(router.app, host=cfg.host, port=cfg.port, loop=loop, http=http, access_log=False,
+    # The guarded httptools protocol bounds every client's head, body and read time (router/limits.py).
+    uvicorn.run(router.app, host=cfg.host, port=cfg.port, loop=loop, http=router.http_protocol(), access_log=False,
                 log_level=cfg.log_level, timeout_graceful_shutdown=5)
+
+
+def _read_key(path: str) -> str:
+    with open(path, encoding="utf-8") as f:
+        key = f.readline().strip()
+    if not key:
+        raise click.UsageError(f"--api-key-file {path}: the file's first line is empty")
+    return key
 
 
 def _port(text: str) -> int:

@@ -43,6 +43,13 @@ class RouterConfig:
     local_prefill_slots: int = 1  # local prefills in flight per decode worker
     max_body_bytes: int = 8 * 1024 * 1024
     max_prompt_tokens: int | None = None  # else the engine's max_model_len
+    # Client input bounds (router/limits.py): what one request may make the router hold or spend.
+    max_header_bytes: int = 32 * 1024  # request line + headers; larger heads get 431 before being buffered
+    max_headers: int = 100  # header fields per request (431 beyond)
+    client_header_timeout_s: float = 10.0  # the whole request head must arrive within this (408)
+    client_body_timeout_s: float = 10.0  # longest silence while a body is being sent (connection closed)
+    max_json_depth: int = 32  # deeper bodies get 400 (OpenAI requests nest ~6 levels)
+    max_prompt_chars: int | None = None  # refuse longer prompt text before tokenizing; default 32 × max_prompt_tokens
     # Health and timeouts.
     health_interval_s: float = 2.0
     health_timeout_s: float = 2.0
@@ -101,6 +108,15 @@ class RouterConfig:
             raise ValueError("session_wait_s must be >= 0 seconds")
         if self.ttft_slo <= 0 or self.itl_slo <= 0:
             raise ValueError("SLOs must be positive seconds")
+        from ampd_plugin.router.limits import MAX_ENCODABLE_DEPTH
+
+        if not 2 <= self.max_json_depth <= MAX_ENCODABLE_DEPTH:
+            raise ValueError(f"max_json_depth must be in 2..{MAX_ENCODABLE_DEPTH} (what the router can re-encode)")
+        for name in ("max_header_bytes", "max_headers", "max_body_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.client_header_timeout_s <= 0 or self.client_body_timeout_s <= 0:
+            raise ValueError("client timeouts must be positive seconds")
 
     def prefill_bootstrap_ports(self) -> list[int]:
         """One bootstrap port per prefill worker (SGLang): as given, one value for all, or SGLang's default."""

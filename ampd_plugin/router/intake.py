@@ -8,31 +8,37 @@ from __future__ import annotations
 import hmac
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ampd_plugin.router.errors import RouterError, bad_request
+from ampd_plugin.router.limits import check_depth, cheap_depth_bound
 
 
 def authorize(request: Request, key: str | None) -> None:
     """Constant-time check of `Authorization: Bearer KEY` (no key configured: everyone may call)."""
     if not key:
         return
-    given = request.headers.get("authorization", "")
-    if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
+    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+    # RFC 6750: the scheme name is case-insensitive; the token is compared in constant time.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
         raise RouterError(401, "invalid or missing API key", "auth")
 
 
-async def read_json(request: Request, limit: int) -> dict:
-    """The request body as a JSON object, refused (413) beyond `limit` bytes."""
+async def read_json(request: Request, limit: int, max_depth: int = 32) -> dict:
+    """The request body as a JSON object: 413 beyond `limit` bytes (checked while reading, so an oversize
+    body is never buffered whole), 400 when nested deeper than `max_depth`, 499 when the client leaves."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
         raise RouterError(413, f"request body exceeds {limit} bytes", "oversize")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RouterError(413, f"request body exceeds {limit} bytes", "oversize")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise RouterError(413, f"request body exceeds {limit} bytes", "oversize")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise RouterError(499, "client closed the connection while sending the body", "client_disconnect") from None
     raw = b"".join(chunks)
     if not raw:
         raise bad_request("empty request body; expected a JSON object", "invalid_json")
@@ -42,6 +48,8 @@ async def read_json(request: Request, limit: int) -> dict:
         raise bad_request(f"request body is not valid JSON: {exc}", "invalid_json") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object", "invalid_json")
+    if cheap_depth_bound(raw) > max_depth:  # only bodies with many brackets pay for the walk
+        check_depth(body, max_depth)
     return body
 
 

@@ -25,6 +25,7 @@ from ampd_plugin.router.context import RoundCtx
 from ampd_plugin.router.errors import RouterError, bad_request
 from ampd_plugin.router.executor import RoundExecutor
 from ampd_plugin.router.health import WorkerHealth
+from ampd_plugin.router.limits import prompt_chars
 from ampd_plugin.router.planning import RoundPlanner
 from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.queues import PrefillQueues
@@ -36,6 +37,7 @@ from ampd_plugin.router_policy.state import ClusterState, PrefillTask
 
 _MAX_ATTEMPTS = 3  # a round survives up to two dead workers before the client sees an error
 _INLINE_TOKENIZE_CHARS = 8192  # longer new text is tokenized in a thread so relays keep flowing
+_MAX_CHARS_PER_TOKEN = 32  # default character budget per allowed token: ordinary text averages ~4
 _request_ids = itertools.count()
 
 
@@ -58,6 +60,7 @@ class RoundRunner:
         for name in SESSION_BODY_FIELDS:
             body.pop(name, None)
         body.pop("kv_transfer_params", None)  # transfers are the router's business, never the client's
+        self._check_chars(body, chat)
         if not explicit:
             return await self._run(sid, False, body, chat, t0, headers, None)
         await self.locks.acquire(sid)  # one round of a session at a time (bounded wait, then 409)
@@ -75,23 +78,37 @@ class RoundRunner:
             unlock()  # failed before a relay took the round over (a relay is only made at the very end)
             raise
 
+    def _check_chars(self, body: dict, chat: bool) -> None:
+        """Refuse prompt text over the character budget before the template render and the tokenizer pay for it."""
+        limit = self.cfg.max_prompt_tokens
+        budget = self.cfg.max_prompt_chars or (limit * _MAX_CHARS_PER_TOKEN if limit else None)
+        chars = prompt_chars(body, chat)
+        if budget and chars > budget:
+            raise bad_request(f"the prompt has {chars} characters; this router accepts at most {budget}",
+                              "context_length_exceeded", "messages" if chat else "prompt")
+
     async def _run(self, sid: str, explicit: bool, body: dict, chat: bool, t0: float,
                    headers: Mapping[str, str], unlock) -> Response:
-        session = self.sessions.get(sid, explicit)
+        field = "messages" if chat else "prompt"
+        limit = self.cfg.max_prompt_tokens
+        # A refused request leaves nothing behind: the session is admitted and remembers the prompt only
+        # once the prompt passed every check.
+        session = self.sessions.get(sid, explicit, admit=False)
         counter = self.counter or PromptCounter(None)
         prompt = counter.render(body, chat)
         extends = isinstance(prompt, str) and bool(session.last_text) and prompt.startswith(session.last_text)
         new_chars = len(prompt) - (len(session.last_text) if extends else 0) if isinstance(prompt, str) else 0
         if new_chars > _INLINE_TOKENIZE_CHARS:  # long text: tokenize off the event loop (Rust releases the GIL)
-            n = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, counter.count, prompt, session)
+            n = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, counter.count, prompt, session, False)
         else:
-            n = counter.count(prompt, session)
+            n = counter.count(prompt, session, remember=False)
         if n <= 0:
-            raise bad_request("the prompt is empty", "empty_prompt", "messages" if chat else "prompt")
-        limit = self.cfg.max_prompt_tokens
+            raise bad_request("the prompt is empty", "empty_prompt", field)
         if limit and n >= limit:
             raise bad_request(f"the prompt has {n} tokens; this model's context is {limit}",
-                              "context_length_exceeded", "messages" if chat else "prompt")
+                              "context_length_exceeded", field)
+        counter.remember(session, prompt, n)
+        self.sessions.admit(session)
         if not extends and session.resident_tokens:
             # the client rewrote history: what the worker holds is not a prefix of the new prompt
             self.accounting.ledger.settle(session, None, 0)

@@ -29,6 +29,7 @@ from ampd_plugin.router.engine_metrics import EngineSignals
 from ampd_plugin.router.errors import RouterError
 from ampd_plugin.router.executor import make_executor
 from ampd_plugin.router.health import WorkerHealth
+from ampd_plugin.router.limits import guarded_protocol
 from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.metrics import RouterMetrics
 from ampd_plugin.router.planning import RoundPlanner
@@ -92,6 +93,11 @@ class Router:
             lifespan=self._lifespan,
             exception_handlers={404: self._not_found, 405: self._not_allowed},
         )
+
+    def http_protocol(self) -> type:
+        """The uvicorn protocol class (`http=`) that enforces this router's client head/body bounds."""
+        c = self.cfg
+        return guarded_protocol(c.max_header_bytes, c.max_headers, c.client_header_timeout_s, c.client_body_timeout_s)
 
     @property
     def counter(self) -> PromptCounter | None:
@@ -208,7 +214,7 @@ class Router:
         t0 = time.monotonic()
         try:
             intake.authorize(request, self.cfg.api_key)
-            body = await intake.read_json(request, self.cfg.max_body_bytes)
+            body = await intake.read_json(request, self.cfg.max_body_bytes, self.cfg.max_json_depth)
             intake.validate(body, chat, (self.model_card or {}).get("id"))
             response, disconnected = await race_disconnect(request.receive, self.rounds.run(request.headers, body, chat, t0))
             if disconnected:

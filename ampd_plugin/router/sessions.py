@@ -67,14 +67,20 @@ class SessionStore:
         self.ttl_s = ttl_s
         self._sessions: dict[str, Session] = {}
 
-    def get(self, session_id: str, explicit: bool) -> Session:
+    def get(self, session_id: str, explicit: bool, admit: bool = True) -> Session:
+        """The session with this id; a new one is stored now (`admit`) or when `admit(session)` is called."""
         session = self._sessions.get(session_id)
         if session is None:
             session = Session(session_id, explicit)
-            if explicit:
-                self._sessions[session_id] = session
+            if admit:
+                self.admit(session)
         session.last_seen = time.monotonic()
         return session
+
+    def admit(self, session: Session) -> None:
+        """Remember a named session from now on (anonymous one-round sessions are never stored)."""
+        if session.explicit:
+            self._sessions.setdefault(session.session_id, session)
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -177,17 +183,26 @@ class PromptCounter:
             return list(self._encode(prompt, add_special_tokens=False).ids)
         return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
 
-    def count(self, prompt: str | list[int], session: Session | None = None) -> int:
-        """Tokens of `prompt`, counting only the part that extends the session's last prompt."""
+    def count(self, prompt: str | list[int], session: Session | None = None, remember: bool = True) -> int:
+        """Tokens of `prompt`, counting only the part that extends the session's last prompt.
+
+        `remember`: the session keeps `prompt` as its last prompt now (else call `remember` once accepted).
+        """
         if isinstance(prompt, list):
             return len(prompt)
         if session is not None and session.last_text and prompt.startswith(session.last_text):
             n = session.last_text_tokens + self.count_text(prompt[len(session.last_text):])
         else:
             n = self.count_text(prompt)
-        if session is not None and session.explicit:
-            session.last_text, session.last_text_tokens = prompt, n
+        if remember and session is not None:
+            self.remember(session, prompt, n)
         return n
+
+    @staticmethod
+    def remember(session: Session, prompt: str | list[int], n: int) -> None:
+        """The session's last prompt and its count (named sessions only: the next round counts its increment)."""
+        if session.explicit and isinstance(prompt, str):
+            session.last_text, session.last_text_tokens = prompt, n
 
 
 def _content_text(content: Any) -> str:

@@ -190,7 +190,8 @@ class RouterHarness:
         policy = load_policy(self.policy_name, cost, ttft_slo=cfg.ttft_slo, itl_slo=cfg.itl_slo, **self.policy_params)
         self.router = Router(cfg, policy, cost, counter=self.counter)
         config = uvicorn.Config(self.router.app, host="127.0.0.1", port=self.port, log_level="warning",
-                                access_log=False, lifespan="on", loop="asyncio")
+                                access_log=False, lifespan="on", loop="asyncio",
+                                http=self.router.http_protocol())
         self._server = uvicorn.Server(config)
         self._task = asyncio.create_task(self._server.serve())
         for _ in range(200):
