@@ -55,7 +55,12 @@ class RouterConfig:
     health_timeout_s: float = 2.0
     connect_timeout_s: float = 5.0
     upstream_timeout_s: float = 600.0  # whole request
-    read_timeout_s: float = 120.0  # between two chunks of a stream
+    read_timeout_s: float = 120.0  # silence of a non-streaming decode request (its whole generation)
+    stall_timeout_s: float = 30.0  # silence of a stream or a prefill: the request fails, its slot frees
+    # Outlier ejection (router/outliers.py).
+    eject_after_failures: int = 3  # consecutive failed requests (5xx, timeout, stall) that eject a worker
+    eject_base_s: float = 10.0  # first ejection's back-off; doubles per ejection in a row
+    eject_max_s: float = 300.0
     session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its KV counts as released)
     session_wait_s: float = 60.0  # a round waits this long for its session's previous round, then 409
     log_level: str = "info"

@@ -6,6 +6,7 @@ import logging
 
 from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.outliers import OutlierDetector
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.sessions import SessionStore
 from ampd_plugin.router.upstream import Endpoint, WorkerDown
@@ -19,6 +20,7 @@ class WorkerHealth:
                  queues: PrefillQueues, ledger: KVLedger, sessions: SessionStore) -> None:
         self.eps, self.cluster, self.metrics = eps, cluster, metrics
         self.queues, self.ledger, self.sessions = queues, ledger, sessions
+        self.outliers: OutlierDetector | None = None  # set by the router; an ejected worker stays out
 
     def tick(self, result: dict[str, bool]) -> None:
         """One health round: apply it, and forget sessions idle past their TTL."""
@@ -30,7 +32,7 @@ class WorkerHealth:
     def apply(self, result: dict[str, bool]) -> None:
         for wid, ok in result.items():
             w = self.cluster.worker(wid)
-            if ok and not w.alive:
+            if ok and not w.alive and (self.outliers is None or self.outliers.may_return(wid)):
                 log.warning("worker %s (%s) is healthy again", wid, self.eps[wid].url)
                 w.alive = True
                 self.metrics.worker_up.labels(wid, w.kind).set(1)

@@ -27,6 +27,14 @@ class RouterMetrics:
         self.rebinds = Counter(p + "session_rebinds", "Sessions rebound to another decode worker", ["reason"], registry=r)
         self.sessions = Gauge(p + "sessions", "Sessions remembered by the router", registry=r)
         self.worker_up = Gauge(p + "worker_up", "1 when the worker's health check passes", ["worker", "kind"], registry=r)
+        self.worker_failures = Counter(p + "worker_failures", "Failed engine requests (5xx, timeout, stall, broken)",
+                                       ["worker", "kind"], registry=r)
+        self.ejections = Counter(p + "worker_ejections", "Times a worker was ejected by outlier detection", ["worker"], registry=r)
+        self.ejected = Gauge(p + "workers_ejected", "Workers currently ejected by outlier detection", registry=r)
+        # State sizes: every table the router keeps, so a leak shows on a dashboard.
+        self.bindings = Gauge(p + "bindings", "Session -> decode worker bindings held", ["kind"], registry=r)
+        self.prompt_chars = Gauge(p + "stored_prompt_chars", "Characters of last prompts kept for incremental counting", registry=r)
+        self.inflight = Gauge(p + "rounds_in_flight", "Rounds between intake and their accounting", registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

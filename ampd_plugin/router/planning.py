@@ -4,6 +4,7 @@ written on the primitives (context migration under KV pressure, balanced PD)."""
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 from ampd_plugin.router import primitives as prim
 from ampd_plugin.router.config import RouterConfig
@@ -11,15 +12,17 @@ from ampd_plugin.router.context import RoundCtx
 from ampd_plugin.router.errors import RouterError
 from ampd_plugin.router.metrics import RouterMetrics
 from ampd_plugin.router.sessions import PromptCounter, Session
-from ampd_plugin.router_policy.registry import PolicyError, PolicyRunner
+from ampd_plugin.router_policy.registry import PolicyError, PolicyRunner, least_loaded_decode
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask, Route, SessionInfo, WorkerState
 
 log = logging.getLogger("ampd.router")
 
 
 class RoundPlanner:
-    def __init__(self, cfg: RouterConfig, cluster: ClusterState, policy: PolicyRunner, metrics: RouterMetrics) -> None:
+    def __init__(self, cfg: RouterConfig, cluster: ClusterState, policy: PolicyRunner, metrics: RouterMetrics,
+                 suspect: Callable[[str], bool] = lambda wid: False) -> None:
         self.cfg, self.cluster, self.policy, self.metrics = cfg, cluster, policy, metrics
+        self.suspect = suspect  # a worker that failed since its last success (router/outliers.py)
 
     def bind(self, s: Session, prompt_tokens: int, reason: str) -> str:
         """The session's decode worker: the policy's choice, else the first live one (a policy bug)."""
@@ -32,6 +35,16 @@ class RoundPlanner:
             log.error("bind_session failed (%s); binding to %s", exc, live[0].worker_id)
             wid = live[0].worker_id
             self.cluster.bindings[s.session_id] = wid
+        if self.suspect(wid):
+            # Whatever the policy's reason, a new session does not start on a worker that is failing
+            # while another one is not; among the healthy ones the default least-loaded rule decides.
+            healthy = {w.worker_id: w for w in self.cluster.live_decode() if not self.suspect(w.worker_id)}
+            if healthy:
+                view = ClusterState(prefill=self.cluster.prefill, decode=healthy, bindings=self.cluster.bindings)
+                alt = least_loaded_decode(view)
+                log.warning("not binding %s to suspect worker %s; %s instead", s.session_id, wid, alt)
+                wid = alt
+                self.cluster.bindings[s.session_id] = wid
         if reason == "rebind":
             self.metrics.rebinds.labels("lost-worker").inc()
         return wid

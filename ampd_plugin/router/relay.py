@@ -18,6 +18,7 @@ from starlette.types import Receive, Scope, Send
 
 from ampd_plugin.router.context import RoundCtx
 from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.outliers import OutlierDetector
 from ampd_plugin.router_policy.state import WorkerState
 
 log = logging.getLogger("ampd.router")
@@ -43,9 +44,9 @@ class Relay:
 
     def __init__(self, ctx: RoundCtx, resp: aiohttp.ClientResponse, d: WorkerState, *,
                  release: Callable[[RoundCtx], None], finish: Finish, metrics: RouterMetrics,
-                 first_token: FirstToken | None = None) -> None:
+                 first_token: FirstToken | None = None, outliers: OutlierDetector | None = None) -> None:
         self.ctx, self.resp, self.d = ctx, resp, d
-        self._release, self._finish, self._metrics = release, finish, metrics
+        self._release, self._finish, self._metrics, self._outliers = release, finish, metrics, outliers
         self._first_token = first_token
         self.saw_done = False  # the engine's `[DONE]` event went through: the answer is complete
         self.n_out = 0
@@ -82,9 +83,14 @@ class Relay:
                                     self._first_token(self.ctx, now, "stream")
                 yield chunk
             self.ok = True
+            if self._outliers is not None:
+                self._outliers.success(self.d.worker_id)
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            self._metrics.errors.labels("stream_broken").inc()
-            log.warning("stream from %s broke: %s", self.d.worker_id, exc)
+            stalled = isinstance(exc, asyncio.TimeoutError)
+            self._metrics.errors.labels("stream_stalled" if stalled else "stream_broken").inc()
+            if self._outliers is not None:
+                self._outliers.failure(self.d.worker_id, "stall" if stalled else "broken")
+            log.warning("stream from %s %s: %r", self.d.worker_id, "stalled" if stalled else "broke", exc)
             yield (b'data: {"error": {"message": "upstream stream broke", "type": "upstream_error", '
                    b'"code": "stream_broken"}}\n\n')
 

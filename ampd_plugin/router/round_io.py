@@ -23,7 +23,8 @@ from ampd_plugin.router.context import RoundCtx
 from ampd_plugin.router.metrics import RouterMetrics
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.relay import Relay, RelayResponse
-from ampd_plugin.router.upstream import Endpoint, UpstreamTimeout, Upstreams, WorkerDown
+from ampd_plugin.router.outliers import OutlierDetector
+from ampd_plugin.router.upstream import Endpoint, UpstreamTimeout, Upstreams, WorkerDown, WorkerFailed
 from ampd_plugin.router_policy.state import ClusterState
 
 _JSON = "application/json"
@@ -31,9 +32,15 @@ _JSON = "application/json"
 
 class RoundIO:
     def __init__(self, eps: dict[str, Endpoint], upstreams: Upstreams, cluster: ClusterState, queues: PrefillQueues,
-                 metrics: RouterMetrics, accounting: RoundAccounting, cost_model: CostModel) -> None:
+                 metrics: RouterMetrics, accounting: RoundAccounting, cost_model: CostModel,
+                 outliers: OutlierDetector, stall_timeout_s: float) -> None:
         self.eps, self.upstreams, self.cluster, self.queues = eps, upstreams, cluster, queues
         self.metrics, self.accounting, self.cost_model = metrics, accounting, cost_model
+        # Every engine answer is reported to the outlier detector; streams and prefills may be silent
+        # for at most `stall_timeout_s` (a hung worker frees its slot and its client long before the
+        # whole-request timeout).
+        self.outliers = outliers
+        self._stall_timeout = upstreams.with_read_timeout(stall_timeout_s)
 
     def url(self, worker_id: str) -> str:
         return self.eps[worker_id].url
@@ -50,11 +57,22 @@ class RoundIO:
     async def exchange(self, ctx: RoundCtx, worker_id: str, path: str, body: dict,
                        what: str = "response") -> tuple[int, bytes]:
         """A sub-request whose whole answer the router reads (a prefill): (status, body)."""
-        return await self.upstreams.exchange(worker_id, path, orjson.dumps(body), self.headers(ctx), what)
+        try:
+            status, data = await self.upstreams.exchange(worker_id, path, orjson.dumps(body), self.headers(ctx), what,
+                                                         timeout=self._stall_timeout)
+        except UpstreamTimeout:
+            self.outliers.failure(worker_id, "timeout")
+            raise
+        if status >= 500:
+            self.outliers.failure(worker_id, "5xx")
+        else:
+            self.outliers.success(worker_id)
+        return status, data
 
     def post_generate(self, ctx: RoundCtx, step: prim.Step, body: dict) -> Awaitable[aiohttp.ClientResponse]:
         """POST the client-facing request to the decode worker (its answer is relayed with `relay`)."""
-        return self.upstreams.post(step.worker, ctx.generate_path, orjson.dumps(body), self.headers(ctx))
+        timeout = self._stall_timeout if ctx.stream else None
+        return self.upstreams.post(step.worker, ctx.generate_path, orjson.dumps(body), self.headers(ctx), timeout)
 
     async def generate(self, ctx: RoundCtx, step: prim.Step, body: dict) -> Response:
         """POST the client-facing request to the decode worker and relay its answer (any engine's wire)."""
@@ -63,7 +81,11 @@ class RoundIO:
     async def relay(self, ctx: RoundCtx, step: prim.Step, response: Awaitable[aiohttp.ClientResponse]) -> Response:
         """Wait for the decode worker's response headers, then relay its body and account for the round."""
         d = self.cluster.decode[step.worker]
-        resp = await response
+        try:
+            resp = await response
+        except UpstreamTimeout:
+            self.outliers.failure(step.worker, "timeout")
+            raise
         headers = {"x-ampd-route": ctx.plan.name, "x-ampd-worker": ctx.route.worker if ctx.route else step.worker,
                    "x-ampd-decode": step.worker}
         if resp.status != 200:
@@ -71,12 +93,16 @@ class RoundIO:
             resp.release()
             self.release(ctx)
             self.metrics.errors.labels(f"upstream_{resp.status}").inc()
+            if resp.status >= 500:  # the worker's fault, and nothing was sent yet: the round may run elsewhere
+                self.outliers.failure(step.worker, "5xx")
+                raise WorkerFailed(step.worker, resp.status, data)
+            self.outliers.success(step.worker)
             return Response(data, status_code=resp.status, media_type=resp.content_type or _JSON, headers=headers)
         d.decoding += 1
         if ctx.stream:
             ctx.relay_started = True
             relay = Relay(ctx, resp, d, release=self.release, finish=self.accounting.finish, metrics=self.metrics,
-                          first_token=self.accounting.first_token)
+                          first_token=self.accounting.first_token, outliers=self.outliers)
             return RelayResponse(relay, headers=headers, media_type=resp.headers.get("content-type", "text/event-stream"))
         timer = None
         if not ctx.released and ctx.plan.queue_worker == step.worker:
@@ -85,14 +111,17 @@ class RoundIO:
             timer = asyncio.get_running_loop().call_later(self._predicted_prefill(ctx), self.release, ctx)
         try:
             data = await self.upstreams.read_body(step.worker, resp)
-        except (UpstreamTimeout, WorkerDown):
+        except (UpstreamTimeout, WorkerDown) as exc:
             d.decoding -= 1
+            if isinstance(exc, UpstreamTimeout):
+                self.outliers.failure(step.worker, "timeout")
             raise
         finally:
             if timer is not None:
                 timer.cancel()
         t_done = time.monotonic()
         d.decoding -= 1
+        self.outliers.success(step.worker)
         self.release(ctx)
         out = 0
         with contextlib.suppress(Exception):

@@ -32,7 +32,7 @@ from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.round_io import RoundIO
 from ampd_plugin.router.session_lock import SessionLocks
 from ampd_plugin.router.sessions import SESSION_BODY_FIELDS, PromptCounter, SessionStore, session_identity
-from ampd_plugin.router.upstream import UpstreamTimeout, WorkerDown
+from ampd_plugin.router.upstream import UpstreamTimeout, WorkerDown, WorkerFailed, upstream_error
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask
 
 _MAX_ATTEMPTS = 3  # a round survives up to two dead workers before the client sees an error
@@ -126,6 +126,17 @@ class RoundRunner:
                     ctx.fallback = f"retry-after-{exc.worker_id}-down"
                     if attempt == _MAX_ATTEMPTS - 1 or not self.cluster.live_decode():
                         raise RouterError(503, "no live engine could serve the request", "no_worker") from None
+                except WorkerFailed as exc:
+                    # The decode worker answered 5xx before any byte reached the client: move the session
+                    # off it (binding avoids suspect workers) and run the round again, with a full prefill.
+                    self.io.release(ctx)
+                    ctx.fallback = f"retry-after-{exc.worker_id}-{exc.status}"
+                    if self.cluster.bindings.get(session.session_id) == exc.worker_id:
+                        self.cluster.unbind_session(session.session_id)
+                        self.accounting.ledger.settle(session, None, 0)
+                    others = [w for w in self.cluster.live_decode() if w.worker_id != exc.worker_id]
+                    if attempt == _MAX_ATTEMPTS - 1 or not others:
+                        raise upstream_error(exc.status, exc.data) from None
                 except UpstreamTimeout as exc:
                     self.io.release(ctx)
                     self.accounting.finish(ctx, t_first=None, t_last=None, n_out=0, ok=False)

@@ -32,6 +32,7 @@ from ampd_plugin.router.health import WorkerHealth
 from ampd_plugin.router.limits import guarded_protocol
 from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.outliers import OutlierDetector
 from ampd_plugin.router.planning import RoundPlanner
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.relay import race_disconnect
@@ -74,12 +75,16 @@ class Router:
         self.queues = PrefillQueues(self.cluster, self._order, self._slots, self._on_queue)
         self.ledger = KVLedger(self.cluster, self.sessions)
         self.health_state = WorkerHealth(self.eps, self.cluster, self.metrics, self.queues, self.ledger, self.sessions)
+        self.outliers = OutlierDetector(list(self.eps), self.metrics, self._eject, failures=cfg.eject_after_failures,
+                                        base_s=cfg.eject_base_s, max_s=cfg.eject_max_s)
+        self.health_state.outliers = self.outliers
         self.accounting = RoundAccounting(cfg, self.cluster, policy, cost_model, self.metrics, self.ledger)
-        self.io = RoundIO(self.eps, self.upstreams, self.cluster, self.queues, self.metrics, self.accounting, cost_model)
+        self.io = RoundIO(self.eps, self.upstreams, self.cluster, self.queues, self.metrics, self.accounting, cost_model,
+                          self.outliers, cfg.stall_timeout_s)
         self.model_card: dict | None = {"id": cfg.model, "object": "model"} if cfg.model else None
         # The round executor is chosen once, from the engine the workers run.
         executor = make_executor(cfg, self.io, model=lambda: (self.model_card or {}).get("id"))
-        self.rounds = RoundRunner(cfg, self.cluster, self.sessions, self.queues, RoundPlanner(cfg, self.cluster, policy, self.metrics),
+        self.rounds = RoundRunner(cfg, self.cluster, self.sessions, self.queues, RoundPlanner(cfg, self.cluster, policy, self.metrics, self.outliers.suspect),
                                   executor, self.io, self.accounting, self.health_state, counter)
         self._bg: list[asyncio.Task] = []
         self.app = Starlette(
@@ -162,6 +167,21 @@ class Router:
         except Exception:
             return 0
 
+    def _refresh_state_gauges(self) -> None:
+        """Sizes of every table the router keeps (a leak shows as a rising line)."""
+        m = self.metrics
+        m.sessions.set(len(self.sessions))
+        anon = sum(1 for sid in self.cluster.bindings if sid.startswith("anon-"))
+        m.bindings.labels("named").set(len(self.cluster.bindings) - anon)
+        m.bindings.labels("anonymous").set(anon)
+        m.prompt_chars.set(sum(len(s.last_text) for s in self.sessions))
+        m.ejected.set(self.outliers.ejected_count())
+
+    def _eject(self, wid: str, why: str) -> None:
+        """Outlier ejection: out of routing like a dead worker; the health check lets it back after the back-off."""
+        self.health_state.mark_dead(wid, why)
+        self.metrics.ejected.set(self.outliers.ejected_count())
+
     # ------------------------------------------------------------------------------ queues
     def _order(self, worker: WorkerState, now: float) -> list[PrefillTask] | None:
         try:
@@ -201,6 +221,7 @@ class Router:
         return JSONResponse({"status": "ok" if ok else "unavailable", "workers": workers}, status_code=200 if ok else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
+        self._refresh_state_gauges()
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
 
     async def _not_found(self, request: Request, exc: Exception) -> Response:

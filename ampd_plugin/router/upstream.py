@@ -33,6 +33,14 @@ class UpstreamTimeout(Exception):
         self.worker_id = worker_id
 
 
+class WorkerFailed(Exception):
+    """An engine answered 5xx before any byte reached the client: the round may run elsewhere."""
+
+    def __init__(self, worker_id: str, status: int, data: bytes) -> None:
+        super().__init__(f"{worker_id} answered {status}")
+        self.worker_id, self.status, self.data = worker_id, status, data
+
+
 class WorkerDown(Exception):
     """An engine could not be reached (refused, reset, timed out before answering)."""
 
@@ -92,12 +100,18 @@ class Upstreams:
             await self.session.close()
             self.session = None
 
-    async def post(self, worker_id: str, path: str, data: bytes, headers: dict[str, str]) -> aiohttp.ClientResponse:
+    def with_read_timeout(self, seconds: float) -> aiohttp.ClientTimeout:
+        """The request timeout with a shorter allowed silence (streams and prefills: a stall fails fast)."""
+        t = self._timeout
+        return aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=min(seconds, t.sock_read or seconds))
+
+    async def post(self, worker_id: str, path: str, data: bytes, headers: dict[str, str],
+                   timeout: aiohttp.ClientTimeout | None = None) -> aiohttp.ClientResponse:
         """Send a request and return once the response headers arrived; connection failures → WorkerDown."""
         assert self.session is not None, "Upstreams.start() first"
         url = self.eps[worker_id].url + path
         try:
-            return await self.session.post(url, data=data, headers=headers)
+            return await self.session.post(url, data=data, headers=headers, timeout=timeout or self._timeout)
         except aiohttp.ConnectionTimeoutError as exc:
             raise WorkerDown(worker_id, f"connect timeout: {exc}") from exc
         except asyncio.TimeoutError as exc:
@@ -117,9 +131,9 @@ class Upstreams:
             raise WorkerDown(worker_id, f"{what} broken: {exc}") from exc
 
     async def exchange(self, worker_id: str, path: str, data: bytes, headers: dict[str, str],
-                       what: str = "response") -> tuple[int, bytes]:
+                       what: str = "response", timeout: aiohttp.ClientTimeout | None = None) -> tuple[int, bytes]:
         """POST and read the whole answer: (status, body), failures mapped as by `post` and `read_body`."""
-        resp = await self.post(worker_id, path, data, headers)
+        resp = await self.post(worker_id, path, data, headers, timeout)
         return resp.status, await self.read_body(worker_id, resp, what)
 
     async def get(self, worker_id: str, path: str) -> tuple[int, bytes] | None:

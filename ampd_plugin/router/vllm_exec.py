@@ -14,7 +14,7 @@ from ampd_plugin.connector import params as wire
 from ampd_plugin.router import primitives as prim
 from ampd_plugin.router.context import RoundCtx
 from ampd_plugin.router.round_io import RoundIO
-from ampd_plugin.router.upstream import upstream_error
+from ampd_plugin.router.upstream import UpstreamTimeout, upstream_error
 
 log = logging.getLogger("ampd.router")
 
@@ -57,7 +57,13 @@ class VLLMExecutor:
                     "max_tokens": 1, "stream": False, "temperature": 0}
             path = "/v1/completions"
         body["kv_transfer_params"] = step.kv_params(ctx.session_param, io.url, None, ctx.xfer_id)
-        status, data = await io.exchange(ctx, step.worker, path, body, what="prefill response")
+        try:
+            status, data = await io.exchange(ctx, step.worker, path, body, what="prefill response")
+        except UpstreamTimeout:  # a stalled prefill worker: the decode worker computes the prompt instead
+            io.metrics.errors.labels("prefill_stalled").inc()
+            log.warning("prefill on %s stalled; the decode worker will compute the prompt", step.worker)
+            ctx.fallback = "prefill-stalled"
+            return None
         ctx.prefill_done = time.monotonic()
         if status >= 500:
             io.metrics.errors.labels("prefill_failed").inc()

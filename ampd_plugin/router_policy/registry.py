@@ -85,8 +85,16 @@ def build_runner(name: str, cls: type, cost_model: CostModel, **params: Any) -> 
     return PolicyRunner(name, plugin)
 
 
+_KV_USE_STEPS = 16  # KV use is compared in 1/16ths of capacity, so near-equal workers tie
+
+
 def least_loaded_decode(cluster: ClusterState) -> str | None:
-    """Default binding: the live decode worker with the lowest KV use, ties by fewest bound sessions."""
+    """Default binding: the live decode worker with the lowest KV use, ties by fewest bound sessions.
+
+    KV use is settled only when a round ends, so sessions arriving together all see the same numbers;
+    comparing it coarsely lets the binding count (which grows with each binding at once) spread a burst
+    instead of herding it onto the worker whose estimate happened to be a few tokens lower.
+    """
     live = cluster.live_decode()
     if not live:
         return None
@@ -94,9 +102,9 @@ def least_loaded_decode(cluster: ClusterState) -> str | None:
     for worker_id in cluster.bindings.values():
         bound[worker_id] = bound.get(worker_id, 0) + 1
 
-    def key(w: WorkerState) -> tuple[float, int]:
+    def key(w: WorkerState) -> tuple[int, int]:
         used = w.kv_used_estimate / w.kv_capacity_tokens if w.kv_capacity_tokens > 0 else 0.0
-        return (used, bound.get(w.worker_id, 0))
+        return (int(used * _KV_USE_STEPS), bound.get(w.worker_id, 0))
 
     return min(live, key=key).worker_id
 

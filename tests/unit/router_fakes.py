@@ -59,6 +59,7 @@ class FakeEngine:
     max_inflight: int = 0
     port: int = 0
     _runner: web.AppRunner | None = None
+    _transports: set = field(default_factory=set)
 
     @property
     def url(self) -> str:
@@ -70,7 +71,8 @@ class FakeEngine:
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
-        self._runner = web.AppRunner(app, access_log=None)
+        # handler_cancellation: a client that hangs up cancels its handler, as vLLM aborts the request.
+        self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
         await self._runner.setup()
         self.port = port or free_port()
         await web.TCPSite(self._runner, "127.0.0.1", self.port).start()
@@ -80,6 +82,12 @@ class FakeEngine:
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
+
+    async def die(self) -> None:
+        """SIGKILL-like: every open connection is reset at once, then the port closes."""
+        for t in list(self._transports):
+            t.abort()
+        await self.stop()
 
     def kv_roles(self) -> list[str | None]:
         return [((r.get("kv_transfer_params") or {}).get("ampd") or {}).get("role") for r in self.requests]
@@ -92,6 +100,7 @@ class FakeEngine:
         return web.Response(status=200 if self.healthy else 503)
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
+        self._transports.add(request.transport)
         self.inflight += 1
         self.max_inflight = max(self.max_inflight, self.inflight)
         try:
