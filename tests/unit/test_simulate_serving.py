@@ -176,8 +176,8 @@ def test_serving_terms_round_trip_and_validation():
 
 
 def test_binding_sees_rounds_in_flight_only_when_the_router_counts_them():
-    """Sessions arrive while a long first round runs on d0: the router (as today) counts that round only when
-    it ends, so least-KV binding keeps seeing d0 as empty; counting rounds in flight steers them to d1."""
+    """Sessions arrive while a long first round runs on d0: counting rounds in flight steers them to d1 (without
+    it, only the binding's tie-break on bound-session counts spreads them)."""
     cost = FakeCost(step=0.01, hist_per_token=0.0)
     sessions = [session("a", 0.0, (100, 300, 0.0)), session("b", 0.5, (100, 2, 0.0)),
                 session("c", 1.0, (100, 2, 0.0)), session("d", 1.5, (100, 2, 0.0))]
@@ -185,5 +185,5 @@ def test_binding_sees_rounds_in_flight_only_when_the_router_counts_them():
     counted = {r.session_id: r.worker for r in run(("0", "2"), sessions, "colocated", cost, ZERO,
                                                    count_inflight=True).records}
     assert today["a"] == counted["a"] == "d0"
-    assert sum(w == "d0" for w in today.values()) > sum(w == "d0" for w in counted.values())
+    assert sum(w == "d0" for w in today.values()) >= sum(w == "d0" for w in counted.values())
     assert counted["c"] == counted["d"] == "d1"
