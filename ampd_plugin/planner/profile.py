@@ -82,6 +82,9 @@ class Engine:
         self.timeout = aiohttp.ClientTimeout(total=timeout_s)
         self.model: str | None = None
         self.root: str | None = None
+        # vLLM can put each token's id in its stream chunk: a token whose text is empty (part of a multi-byte
+        # character, likely with random prompts) then still counts as a token.
+        self.stream_token_ids = False
 
     async def discover(self) -> None:
         try:
@@ -96,11 +99,14 @@ class Engine:
             raise ProfileError(f"{self.url}/v1/models lists no model")
         self.model = models[0].get("id")
         self.root = models[0].get("root") or self.model
+        self.stream_token_ids = models[0].get("owned_by") == "vllm"
 
     def body(self, ids: list[int], max_tokens: int, stream: bool, kv: dict | None = None,
              extra: dict | None = None) -> dict:
         body: dict[str, Any] = {"model": self.model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
                                 "ignore_eos": True, "stream": stream, **(extra or {})}
+        if stream and self.stream_token_ids:
+            body["return_token_ids"] = True
         if kv is not None:
             body["kv_transfer_params"] = kv
         return body
@@ -299,7 +305,10 @@ def build_fitted(samples: Samples, kv_bytes_per_token: int, kv_capacity: int, tp
                  assume_link_gbps: float, meta: dict) -> tuple[FittedCostModel, dict]:
     """Fit all coefficients; returns the model and the fit-error report."""
     if len(samples.prefill) < 3 or len(samples.decode) < 3:
-        raise ProfileError("need at least 3 prefill and 3 decode grid points to fit (enlarge the grid)")
+        why = f"; skipped: {'; '.join(samples.skipped)}" if samples.skipped else ""
+        raise ProfileError(f"need at least 3 prefill and 3 decode grid points to fit, measured "
+                           f"{len(samples.prefill)} and {len(samples.decode)} (enlarge the grid or raise "
+                           f"--decode-tokens){why}")
     pre = fit_prefill(samples.prefill)
     dec = fit_decode(samples.decode)
     report = {

@@ -14,12 +14,14 @@ pytestmark = pytest.mark.integration
 
 
 def test_profile_real_engines(pd_cluster, tmp_path):
+    # Six decode points and 32-token streams: on a busy 2-core host a short stream can arrive in one burst
+    # (its step time invisible), and the fit needs three measured points.
     out = tmp_path / "fit.yaml"
     res = CliRunner().invoke(profile, [
         "--endpoint", pd_cluster.prefill.url, "--endpoint", pd_cluster.decode.url, "--out", str(out),
         "--device", "cpu", "--kv-bytes-per-token", str(pd_cluster.kv_bytes_per_token),
-        "--hist", "0,512", "--incr", "32,512", "--batches", "1,4", "--contexts", "64,512",
-        "--transfer", "256,3072", "--decode-tokens", "12", "--repeats", "2", "--timeout", "120"])
+        "--hist", "0,512", "--incr", "32,512", "--batches", "1,4", "--contexts", "64,256,512",
+        "--transfer", "256,3072", "--decode-tokens", "32", "--repeats", "2", "--timeout", "120"])
     assert res.exit_code == 0, res.output
     fitted = FittedCostModel.from_yaml(out)
     lay = Layout(1)
