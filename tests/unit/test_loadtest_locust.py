@@ -142,7 +142,10 @@ def test_distributed_run_merges_worker_records(fake_server, tmp_path):
     port = free_port()
     master = subprocess.Popen(
         _locust_args(fake_server.url, tmp_path, "-u", "6", "-r", "6", "--master", "--expect-workers", "2",
-                     "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port)),
+                     "--master-bind-host", "127.0.0.1", "--master-bind-port", str(port),
+                     # generous: it quits as soon as every session is done; on a busy host the workers' start-up
+                     # alone can take tens of seconds
+                     "--run-time", "150s"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers = [
         subprocess.Popen([sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--worker",
@@ -151,7 +154,7 @@ def test_distributed_run_merges_worker_records(fake_server, tmp_path):
         for _ in range(2)
     ]
     try:
-        _, err = master.communicate(timeout=150)
+        _, err = master.communicate(timeout=240)
         assert master.returncode == 0, err[-3000:]
         report = _check_report(tmp_path)
         assert report["meta"]["workers"] == 2
