@@ -13,6 +13,7 @@ class CostModel(ABC):
     """Predicts service times; the router uses it for decisions, the simulator for event times."""
 
     kv_bytes_per_token: int
+    num_key_value_heads: int | None = None  # known KV heads (per-rank transfer pricing); None = even split
 
     @abstractmethod
     def t_pre(self, l_hist: int, l_incr: int, layout: Layout) -> float:

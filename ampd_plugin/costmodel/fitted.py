@@ -10,6 +10,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from ampd_plugin.costmodel.base import CostModel, check_link, check_tokens
+from ampd_plugin.costmodel.kv_pricing import parallel_transfer_seconds
 from ampd_plugin.costmodel.layout import Layout
 
 FITTED_VERSION = 1
@@ -75,12 +76,16 @@ class FittedCostModel(CostModel):
     fallback: CostModel | None = None
     # Serving-path terms measured by `profile` (router hop, front end, token budget; see planner.serving).
     serving: dict[str, Any] = field(default_factory=dict)
+    # KV heads of the model: a transfer between TP layouts moves each rank's head slice (kv_pricing).
+    num_key_value_heads: int | None = None
 
     def __post_init__(self) -> None:
         if self.kv_bytes_per_token <= 0:
             raise ValueError("kv_bytes_per_token must be positive")
         if not self.layouts:
             raise ValueError("a fitted cost model needs coefficients for at least one layout")
+        if self.num_key_value_heads is None and self.fallback is not None:  # the profile's model, from the roofline
+            self.num_key_value_heads = getattr(self.fallback, "num_key_value_heads", None)
 
     def _coeffs(self, layout: Layout) -> LayoutCoefficients | None:
         found = self.layouts.get(layout)
@@ -115,7 +120,8 @@ class FittedCostModel(CostModel):
             if self.fallback is not None:
                 return self.fallback.t_kv(tokens, src, dst, link)
             raise ValueError(f"no fitted coefficients for link {link!r}; profiled: {', '.join(self.links)}")
-        return coeffs(tokens * self.kv_bytes_per_token)
+        return parallel_transfer_seconds(tokens, self.kv_bytes_per_token, self.num_key_value_heads, src, dst,
+                                         coeffs.bandwidth_bytes_per_s, coeffs.latency_s)
 
     def kv_capacity_tokens(self, layout: Layout) -> int:
         c = self._coeffs(layout)
@@ -131,6 +137,7 @@ class FittedCostModel(CostModel):
             "model": self.model,
             "gpu": self.gpu,
             "kv_bytes_per_token": int(self.kv_bytes_per_token),
+            **({"num_key_value_heads": int(self.num_key_value_heads)} if self.num_key_value_heads else {}),
             "layouts": [
                 {
                     "tp": c.layout.tp,
@@ -182,7 +189,8 @@ class FittedCostModel(CostModel):
             return cls(kv_bytes_per_token=int(data["kv_bytes_per_token"]), layouts=layouts, links=links,
                        model=str(data.get("model", "")), gpu=str(data.get("gpu", "")),
                        meta=dict(data.get("meta") or {}), fallback=fallback,
-                       serving=dict(data.get("serving") or {}))
+                       serving=dict(data.get("serving") or {}),
+                       num_key_value_heads=_heads(data.get("num_key_value_heads"), source))
         except KeyError as exc:
             raise ValueError(f"{source}: missing field {exc.args[0]!r}") from None
         except (TypeError, AttributeError) as exc:
@@ -204,6 +212,15 @@ class FittedCostModel(CostModel):
         except yaml.YAMLError as exc:
             raise ValueError(f"{source}: not valid YAML ({exc})") from None
         return cls.from_dict(data, fallback=fallback, source=source)
+
+
+def _heads(value: Any, source: str) -> int | None:
+    if value is None:
+        return None
+    heads = int(value)
+    if heads <= 0:
+        raise ValueError(f"{source}: num_key_value_heads must be positive")
+    return heads
 
 
 def _floats(d: Mapping[str, Any]) -> dict[str, float]:

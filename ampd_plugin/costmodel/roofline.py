@@ -13,7 +13,10 @@ V vocab, P_act/P_tot active/total parameters of the transformer layers, b = dtyp
     t_allreduce        = 2·L·(ar_latency + 2·(tp−1)/tp · tokens·h·b / link_bw)     (ring, 2 per layer)
     t_pp               = (pp−1)·(ar_latency + tokens·h·b / link_bw)                (stage hand-offs)
     overheads          = step_overhead + L·layer_overhead
-    t_kv               = transfer_latency + tokens·kv_bytes_per_token / (min(src,dst devices)·link_bw)
+    t_kv               = transfer_latency + the busiest rank's (or NIC-limited host's) bytes / per-rank link_bw
+                         (`kv_pricing.parallel_transfer_seconds`: every TP rank reads its head slice in
+                         parallel; = tokens·kv_bytes_per_token / (min(src,dst tp)·link_bw) when the heads
+                         split evenly on both sides and each GPU has its own NIC)
     kv_capacity_tokens = (memory·util·devices − total weight bytes) / (kv_bytes_per_token·max(1, tp/n_kv))
 
 W_read(n) is the weight bytes one forward pass reads: all dense weights plus, for MoE, the experts that
@@ -31,6 +34,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 from ampd_plugin.costmodel.base import CostModel, check_link, check_tokens
+from ampd_plugin.costmodel.kv_pricing import parallel_transfer_seconds
 from ampd_plugin.costmodel.layout import Layout
 from ampd_plugin.costmodel.specs import GpuSpec, ModelSpec, load_gpu_spec, load_model_spec
 
@@ -69,6 +73,10 @@ class RooflineCostModel(CostModel):
         base = efficiency or Efficiency()
         self.efficiency = Efficiency(**{**asdict(base), **overrides}) if overrides else base
         self.kv_bytes_per_token = self.model.kv_bytes_per_token
+
+    @property
+    def num_key_value_heads(self) -> int:
+        return self.model.num_key_value_heads
 
     def __repr__(self) -> str:
         return f"RooflineCostModel(model={self.model.name!r}, gpu={self.gpu.name!r})"
@@ -145,9 +153,11 @@ class RooflineCostModel(CostModel):
         check_link(link)
         if link == "local" or tokens == 0:
             return 0.0
-        per_device = self.gpu.network_bytes_per_s if link == "net" else self.gpu.nvlink_bytes_per_s
-        bandwidth = per_device * self.efficiency.link_efficiency * min(src.devices, dst.devices)
-        return self.efficiency.transfer_latency_s + tokens * self.kv_bytes_per_token / bandwidth
+        per_rank = self.gpu.network_bytes_per_s if link == "net" else self.gpu.nvlink_bytes_per_s
+        nics = self.gpu.nics_per_node if link == "net" else None
+        return parallel_transfer_seconds(tokens, self.kv_bytes_per_token, self.model.num_key_value_heads, src, dst,
+                                         per_rank * self.efficiency.link_efficiency,
+                                         self.efficiency.transfer_latency_s, nics, self.gpu.gpus_per_node)
 
     def kv_capacity_tokens(self, layout: Layout) -> int:
         free = self.gpu.memory_bytes * self.efficiency.memory_utilization * layout.devices - self.model.weight_bytes

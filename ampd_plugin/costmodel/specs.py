@@ -30,6 +30,9 @@ class ModelSpec:
     dtype_bytes: int = 2
     kv_dtype_bytes: int = 2
     hf_id: str = ""
+    # Non-empty when the model has layers with state other than plain attention KV (SSM/linear-attention
+    # or sliding-window hybrids): the `ampd` connector cannot move it, so no PD plan can serve the model.
+    hybrid: str = ""
 
     def __post_init__(self) -> None:
         for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
@@ -127,7 +130,28 @@ class ModelSpec:
             dtype_bytes=dtype_bytes,
             kv_dtype_bytes=int(cfg.get("kv_dtype_bytes") or dtype_bytes),
             hf_id=str(cfg.get("hf_id") or cfg.get("_name_or_path") or ""),
+            hybrid=hybrid_reason(cfg),
         )
+
+
+_HYBRID_KEYS = ("ssm_state_size", "mamba_d_state", "mamba_expand", "state_size", "linear_num_key_heads",
+                "hybrid_override_pattern", "layers_block_type", "attn_layer_indices", "full_attn_idxs")
+_HYBRID_TYPES = ("mamba", "jamba", "zamba", "falcon_h1", "nemotron_h", "granitemoehybrid", "qwen3_next",
+                 "lfm2", "minimax", "bamba", "plamo2", "rwkv", "recurrent_gemma")
+
+
+def hybrid_reason(cfg: Mapping[str, Any]) -> str:
+    """Why a HF config is not a plain-attention model (empty when it is)."""
+    kind = str(cfg.get("model_type") or "").lower()
+    if any(kind.startswith(t) for t in _HYBRID_TYPES):
+        return f"model_type {kind!r} has SSM/linear-attention state"
+    for key in _HYBRID_KEYS:
+        if cfg.get(key) not in (None, "", [], 0):
+            return f"config has {key!r} (SSM/linear-attention layers)"
+    kinds = {str(t) for t in (cfg.get("layer_types") or [])} - {"full_attention", "attention"}
+    if kinds:
+        return f"layer_types has {', '.join(sorted(kinds))} (hybrid KV cache)"
+    return ""
 
 
 _DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "half": 2, "float32": 4, "float": 4, "float8": 1, "fp8": 1}
@@ -144,10 +168,11 @@ class GpuSpec:
     nvlink_gbps: float  # both directions, as vendors quote it
     network_gbps: float  # per GPU, one direction
     gpus_per_node: int = 8
+    nics_per_node: int | None = None  # NICs a node's GPUs share; None = one NIC per GPU (network_gbps each)
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            if f.name != "name" and not float(getattr(self, f.name)) > 0:
+            if f.name != "name" and getattr(self, f.name) is not None and not float(getattr(self, f.name)) > 0:
                 raise ValueError(f"gpu {self.name!r}: {f.name} must be positive, got {getattr(self, f.name)!r}")
 
     @cached_property

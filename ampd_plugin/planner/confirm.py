@@ -27,7 +27,7 @@ def make_simulator(req: PlanRequest, workload: str, sessions: int, seed: int = 0
             if len(active) > 1:
                 raise ValueError(f"{cand.label()}: the simulator runs one degree per pool")
             n, k = active[0] if active else (1, 0)
-            pools.append(Pool(k, Layout(tp=n)))
+            pools.append(Pool(k, Layout(tp=n, backend=req.engine)))
         intra = cand.placement.intra_node_fraction if cand.placement else None
         cm = LinkPricing(req.cost_model, intra_node_fraction=intra, link_gbps=link_gbps, net_gbps=net_gbps)
         # As emitted: a deployment without a prefill pool runs its router with no KV connector.

@@ -45,6 +45,9 @@ class WorkloadStats:
     delay: np.ndarray
     rounds_per_session: float
     name: str = "workload"
+    # Output tokens of the session's previous round (0 for a first round): what a prefill worker that served
+    # that round lacks of the history on SGLang, whose prefill worker caches prompts only. None = all 0.
+    prev_out: np.ndarray | None = None
 
     @classmethod
     def from_rounds(cls, rounds: Sequence[tuple[int, int, int, float]], sessions: int, name: str = "workload"):
@@ -57,13 +60,17 @@ class WorkloadStats:
     @classmethod
     def from_sessions(cls, sessions: Sequence, name: str = "workload") -> "WorkloadStats":
         """From `workload.Session`s: round k's history is everything before it (inputs and outputs)."""
-        rounds = []
+        rounds, prev = [], []
         for s in sessions:
-            hist = 0
+            hist, last_out = 0, 0
             for r in s.rounds:
                 rounds.append((hist, r.input_tokens, r.output_tokens, r.tool_delay_s))
+                prev.append(last_out)
                 hist += r.input_tokens + r.output_tokens
-        return cls.from_rounds(rounds, len(sessions), name)
+                last_out = r.output_tokens
+        stats = cls.from_rounds(rounds, len(sessions), name)
+        stats.prev_out = np.asarray(prev, dtype=float)
+        return stats
 
     @property
     def mean_out(self) -> float:
@@ -124,9 +131,11 @@ class LatencyModel:
     """Builds the per-pool tables from a cost model, workload statistics and SLOs."""
 
     def __init__(self, cost_model, stats: WorkloadStats, ttft_slo: float, itl_slo: float,
-                 transfer: Transfer | None = None, rho_grid: Sequence[float] = DEFAULT_RHO_GRID):
+                 transfer: Transfer | None = None, rho_grid: Sequence[float] = DEFAULT_RHO_GRID,
+                 backend: str = "vllm"):
         if ttft_slo <= 0 or itl_slo <= 0:
             raise ValueError("SLOs must be positive")
+        self.backend = backend
         self.cm = cost_model
         self.stats = stats
         self.ttft_slo = ttft_slo
@@ -141,17 +150,28 @@ class LatencyModel:
         return int(self.cm.kv_capacity_tokens(Layout(tp=n)))
 
     def prefill_service(self, n: int) -> np.ndarray:
-        """Prefill time of every sampled round on a degree-n replica (history cached, increment computed)."""
+        """Prefill time of every sampled round on a degree-n prefill replica.
+
+        vLLM: the history is cached (read from the decode worker), the increment computed. SGLang
+        (`kv_pricing.remote_round`): the prefill worker recomputes what its own cache lacks; the surrogate
+        assumes it served the session's previous round (the router's locality), so it lacks that round's
+        output; a cold prefill worker recomputes the whole history, which the simulator prices.
+        """
         if n not in self._service:
-            lay = Layout(tp=n)
+            lay = Layout(tp=n, backend=self.backend)
             s = self.stats
-            self._service[n] = np.array(
-                [self.cm.t_pre(int(h), int(i), lay) for h, i in zip(s.l_hist, s.l_incr)], dtype=float
-            )
+            if self.backend == "sglang":
+                prev = s.prev_out if s.prev_out is not None else np.zeros(len(s.l_hist))
+                cached = np.maximum(0.0, s.l_hist - prev)
+                rows = [(int(c), int(h + i - c)) for c, h, i in zip(cached, s.l_hist, s.l_incr)]
+            else:
+                rows = [(int(h), int(i)) for h, i in zip(s.l_hist, s.l_incr)]
+            self._service[n] = np.array([self.cm.t_pre(c, i, lay) for c, i in rows], dtype=float)
         return self._service[n]
 
     def transfer_time(self, n_pre: int, n_dec: int) -> np.ndarray:
-        """KV moved for a remote prefill: history D→P and increment P→D, priced by the link crossed."""
+        """KV moved for a remote prefill, priced by the link crossed: history D→P (vLLM only; SGLang reads
+        none) and increment P→D."""
         key = (n_pre, n_dec)
         if key not in self._xfer:
             src, dst = Layout(tp=n_dec), Layout(tp=n_pre)
@@ -165,8 +185,10 @@ class LatencyModel:
                 slow = self.cm.t_kv(tokens, src, dst, link="net") if f < 1 else 0.0
                 return f * fast + (1 - f) * slow
 
+            reads_history = self.backend != "sglang"
             self._xfer[key] = np.array(
-                [cost(int(h)) + cost(int(i)) for h, i in zip(s.l_hist, s.l_incr)], dtype=float
+                [(cost(int(h)) if reads_history else 0.0) + cost(int(i)) for h, i in zip(s.l_hist, s.l_incr)],
+                dtype=float,
             )
         return self._xfer[key]
 

@@ -97,7 +97,7 @@ def plan(model, gpu, profile_path, gpus, gpus_per_node, link_bw, net_bw, workloa
         with console.status("characterising the workload"):
             stats = WorkloadStats.from_sessions(load_workload(workload, sessions, rate, seed), name=str(workload))
         req = PlanRequest(cost_model, stats, rate, ttft_slo, itl_slo, gpus, degrees, gpus_per_node, policy, top_k,
-                          homogeneous=not mixed_degrees, same_tp=(engine == "sglang"))
+                          homogeneous=not mixed_degrees, engine=engine)
         simulator = None
         if do_simulate:
             from ampd_plugin.planner.confirm import make_simulator

@@ -8,12 +8,15 @@ minimise  Z + w·Σ_p Z_p + ε·GPUs/N        (Z ≥ Z_p; the small w = 1e-3 bal
 s.t.  a[p,n] ≤ x[p,n] ≤ ⌊N/n⌋·a[p,n]                      (activation: a=1 ⇔ x≥1)
       Σ_n a[p,n] ≥ 1   (= 1 when pools are homogeneous)   (every pool exists; one degree per pool)
       a[prefill,n] = a[decode,n]   when the engine needs equal TP on both sides (SGLang PD)
+      a[prefill,n] + a[decode,m] ≤ 1  when neither of n, m divides the other (the connector cannot map them)
       Σ_l u[p,l] = 1                                      (one load level per pool)
       Σ_n μ[p,n]·x[p,n] ≥ Σ_l (λ/ρ_l)·u[p,l]              (per-replica load: ρ ≤ ρ_l, i.e. load ∝ 1/replicas)
       Z_p ≥ τ[p](n,ρ_l) − M·(2 − a[p,n] − u[p,l]) ∀ n,l   (the paper's conditional C1/C2, big-M)
       a[p,n] + u[p,l] ≤ 1   where τ = ∞                   (degree n cannot run at that load)
       Σ_{p,n} n·x[p,n] ≤ N                                (C3, GPU budget)
       Σ_n cap[n]·x[decode,n] ≥ resident session KV        (memory)
+Degrees the connector cannot serve (KV heads neither divisible by TP nor dividing it, hybrid/SSM models
+in a PD plan; `costmodel.layout`) are left out before the program is built.
 τ is SLO-normalised (P95 TTFT / TTFT SLO for prefill, P95 ITL / ITL SLO for decode) so the two pools
 compete on one scale and Z ≤ 1 means the surrogate predicts both SLOs met. The top K allocations come
 from re-solving with a no-good cut on the previous solutions. Then each candidate is placed on nodes
@@ -32,6 +35,7 @@ import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
 from ampd_plugin import slo
+from ampd_plugin.costmodel import BACKENDS, Layout, ModelSpec, layout_refusal, pair_refusal
 from ampd_plugin.planner.latency_tables import LatencyModel, PoolTable, Transfer, WorkloadStats
 from ampd_plugin.planner.placement import Placement, place
 
@@ -105,8 +109,13 @@ class PlanRequest:
     top_k: int = 3
     homogeneous: bool = True  # one degree per pool (what engines' PD routers and the simulator run)
     same_tp: bool = False  # prefill and decode must use the same TP degree (SGLang non-wide-EP PD)
+    engine: str = "vllm"  # what the workers run: prices remote rounds (kv_pricing.remote_round), SGLang ⇒ same_tp
 
     def __post_init__(self) -> None:
+        if self.engine not in BACKENDS:
+            raise ValueError(f"--engine must be one of {', '.join(BACKENDS)}, not {self.engine!r}")
+        if self.engine == "sglang":
+            self.same_tp = True
         if self.rate <= 0:
             raise ValueError("--rate must be positive")
         if self.gpus <= 0:
@@ -134,16 +143,65 @@ def default_intra_node_fraction(gpus: int, gpus_per_node: int) -> float:
     return 1.0 if nodes == 1 else 1.0 / nodes
 
 
-def build_tables(req: PlanRequest, intra_node_fraction: float | None = None) -> list[PoolTable]:
-    """The τ(n, ρ) tables of the pools the policy needs (degrees wider than a node are excluded)."""
-    f = default_intra_node_fraction(req.gpus, req.gpus_per_node) if intra_node_fraction is None else intra_node_fraction
-    model = LatencyModel(req.cost_model, req.stats, req.ttft_slo, req.itl_slo, Transfer(f))
-    degrees = [n for n in req.degrees if n <= min(req.gpus, req.gpus_per_node)]
-    if not degrees:
+def model_spec_of(cost_model) -> ModelSpec | None:
+    """The architecture behind a cost model (roofline, fitted over a roofline, link-priced), if known."""
+    seen = 0
+    while cost_model is not None and seen < 8:
+        spec = getattr(cost_model, "model", None)
+        if isinstance(spec, ModelSpec):
+            return spec
+        cost_model = getattr(cost_model, "base", None) or getattr(cost_model, "fallback", None)
+        seen += 1
+    return None
+
+
+def kv_heads_of(cost_model) -> int | None:
+    spec = model_spec_of(cost_model)
+    return spec.num_key_value_heads if spec else getattr(cost_model, "num_key_value_heads", None)
+
+
+def served_degrees(req: PlanRequest) -> tuple[list[int], list[str]]:
+    """Degrees that fit a node and the budget and that the engines and connector can run, and why the
+    others cannot (PlanInfeasible when none is left, or when the model cannot be served disaggregated)."""
+    spec = model_spec_of(req.cost_model)
+    if spec is not None and spec.hybrid and req.has_prefill_pool:
         raise PlanInfeasible(
-            f"no parallel degree in {list(req.degrees)} fits the budget: {req.gpus} GPU(s), "
-            f"{req.gpus_per_node} per node (tensor parallelism stays inside a node)"
+            f"model {spec.name!r} cannot be served disaggregated: {spec.hybrid}; the ampd connector moves "
+            f"plain attention KV only (hybrid/SSM state is not transferred). Plan it co-located "
+            f"(--policy colocated) or use an attention-only model."
         )
+    heads = kv_heads_of(req.cost_model)
+    degrees, dropped = [], []
+    for n in req.degrees:
+        if n > min(req.gpus, req.gpus_per_node):
+            continue
+        why = layout_refusal(heads, Layout(tp=n)) if heads else None
+        if why:
+            dropped.append(why)
+        else:
+            degrees.append(n)
+    if not degrees:
+        reasons = ("; ".join(dropped) + ". ") if dropped else ""
+        raise PlanInfeasible(
+            f"no parallel degree in {list(req.degrees)} can serve the model: {reasons}"
+            f"{req.gpus} GPU(s), {req.gpus_per_node} per node (tensor parallelism stays inside a node)"
+        )
+    return degrees, dropped
+
+
+def pair_ok(req: PlanRequest, n_pre: int, n_dec: int) -> bool:
+    """Whether KV can move between a TP-n_pre prefill and a TP-n_dec decode replica (one divides the other;
+    SGLang: equal)."""
+    heads = kv_heads_of(req.cost_model) or math.lcm(n_pre, n_dec)
+    return pair_refusal(heads, Layout(tp=n_pre), Layout(tp=n_dec), req.engine) is None
+
+
+def build_tables(req: PlanRequest, intra_node_fraction: float | None = None) -> list[PoolTable]:
+    """The τ(n, ρ) tables of the pools the policy needs (degrees wider than a node, or that the connector
+    cannot serve, are excluded)."""
+    f = default_intra_node_fraction(req.gpus, req.gpus_per_node) if intra_node_fraction is None else intra_node_fraction
+    model = LatencyModel(req.cost_model, req.stats, req.ttft_slo, req.itl_slo, Transfer(f), backend=req.engine)
+    degrees, _ = served_degrees(req)
     if req.has_prefill_pool:
         return [model.prefill_table(degrees), model.decode_table(degrees)]
     return [model.colocated_table(degrees)]
@@ -260,6 +318,11 @@ def solve_ilp(req: PlanRequest, tables: Sequence[PoolTable], exclude: Sequence[C
     if req.same_tp and len(tables) == 2:
         for n in tables[0].degrees:
             prog.row({a_of[0][n]: 1.0, a_of[1][n]: -1.0}, 0.0, 0.0)
+    if len(tables) == 2:  # the connector moves KV only between degrees where one divides the other
+        for n in tables[0].degrees:
+            for m in tables[1].degrees:
+                if not pair_ok(req, n, m):
+                    prog.row({a_of[0][n]: 1.0, a_of[1][m]: 1.0}, -np.inf, 1.0)
     for prev in exclude:
         _no_good_cut(prog, tables, x_of, prev, N)
     objective = {z: 1.0}
@@ -306,6 +369,8 @@ def evaluate(req: PlanRequest, tables: Sequence[PoolTable], cand: Candidate) -> 
     if req.homogeneous and any(len(a) > 1 for a in actives):
         return math.inf, {}
     if req.same_tp and len(actives) == 2 and actives[0] != actives[1]:
+        return math.inf, {}
+    if len(actives) == 2 and not all(pair_ok(req, n, m) for n in actives[0] for m in actives[1]):
         return math.inf, {}
     demand = _demand(req)
     worst = 0.0
@@ -436,7 +501,7 @@ def search(req: PlanRequest, simulator: Simulator | None = None, rate_factors: S
     solve_s = time.perf_counter() - t0
     if not candidates:
         raise PlanInfeasible(explain_infeasible(req, tables))
-    warnings = []
+    warnings = [f"degree left out: {why}" for why in served_degrees(req)[1]]
     for cand in candidates:
         cand.placement = place(cand, req.gpus, req.gpus_per_node)
         if cand.placement.intra_node_fraction != default_intra_node_fraction(req.gpus, req.gpus_per_node) \

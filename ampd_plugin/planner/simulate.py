@@ -13,9 +13,10 @@ What it mirrors of the router (`router_policy/server.py`, `queues.py`):
   session TTL) comes before the policy's route;
 - per-worker prefill queues ordered by the policy, `prefill_slots`/`local_prefill_slots` in flight; a prefill
   worker's slot is freed when its answer reaches the router, a local one at the first token;
-- remote round: P's front end, the history P lacks read from D (after D *exports* it: a request through D's
-  front end and one D step, plus `export_s`), P's prefill, then `remote_s` (P's answer, the router's call to
-  D), D's front end, D reads the increment's KV and computes the last position; local round: D's front end
+- remote round (`costmodel.kv_pricing.remote_round`, by the prefill layout's backend): P's front end, on vLLM
+  the history P lacks read from D (after D *exports* it: a request through D's front end and one D step,
+  plus `export_s`) — on SGLang nothing is read and P recomputes what its prefix cache lacks —, P's prefill, then `remote_s` (P's answer, the router's call to
+  D), D's front end, D reads the KV of the prompt past what it holds (the increment) and computes the last position; local round: D's front end
   (a migrated round first reads the history from the old worker), then D's engine.
 What it models of the engines (`engine_sim.Engine`): vLLM V1 steps under a token budget — decode tokens plus
 prefill chunks per step, so a local prefill slows the batch's steps instead of pausing it, and a prefill
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Sequence
 
 from ampd_plugin import slo
+from ampd_plugin.costmodel.kv_pricing import remote_round
 from ampd_plugin.planner.deployment import Deployment, Pool, SimResult, parse_pool  # noqa: F401 (re-exported)
 from ampd_plugin.planner.engine_sim import Engine, Job
 from ampd_plugin.planner.serving import ServingTerms
@@ -58,6 +60,7 @@ class _Round:
     l_incr: int
     n_out: int
     task: PrefillTask | None = None
+    ship: int | None = None  # remote round: prompt tokens whose KV P sends to D (None: what P computed)
     route: str = ""
     worker: str = ""
     migrate_from: "_Decode | None" = None
@@ -339,12 +342,13 @@ class _Simulator:
         if r.route == "remote":
             p = self.prefill[r.worker]
             arrive = p.engine.front_end(self.now)
-            cached = min(p.ws.cached_prefix.get(st.session.session_id, 0), prompt)
-            read = max(0, hist - cached)  # history P lacks, read from the decode worker
-            start = max(hist, cached)
-            r.kv_bytes = (read + prompt - start) * self.kv_bytes_per_token
-            r.computed = prompt - start
-            job = Job(r, start, prompt - start, 1, self.prefill_done)
+            # vLLM: the history P lacks is read from the decode worker; SGLang: P recomputes it (kv_pricing).
+            plan = remote_round(p.ws.layout.backend, prompt, hist, p.ws.cached_prefix.get(st.session.session_id, 0))
+            read, start = plan.read, plan.start
+            r.ship = plan.ship
+            r.kv_bytes = (read + plan.ship) * self.kv_bytes_per_token
+            r.computed = plan.compute
+            job = Job(r, start, plan.compute, 1, self.prefill_done)
             if read:  # P asks D to export the history (a request on D: front end, one step), then reads it
                 self.at(arrive, self.export_history, (job, hist, read))
             else:
@@ -386,7 +390,8 @@ class _Simulator:
         d = r.sess.decode
         arrive = d.engine.front_end(now + self.terms.remote_s)
         total = job.cached + job.compute
-        t_in = self._t_kv(job.compute, p.ws.layout, d.ws.layout) if job.compute else 0.0
+        ship = job.compute if r.ship is None else r.ship
+        t_in = self._t_kv(ship, p.ws.layout, d.ws.layout) if ship else 0.0
         d.ws.decoding += 1
         # D holds the whole prompt's KV after the read; vLLM still computes the last position.
         self.at(arrive + t_in, self.submit,

@@ -124,20 +124,10 @@ class AMPDPolicy(BasePolicy):
                 violations += d.decoding
         best_key = (violations, t_local)
         best_worker = None
-        # Per-layout parts of the remote cost are the same for every worker sharing a layout object.
-        fixed: dict[tuple[int, int], float] = {}
         for p in cluster.prefill.values():
             if not p.alive:
                 continue
-            layout = p.layout
-            shape = (layout.tp, layout.pp)
-            base = fixed.get(shape)
-            if base is None:
-                base = fixed[shape] = self.t_pre(task, layout) + self.t_kv(task.l_incr, layout, d.layout)
-            history = task.l_hist
-            if self.locality:
-                history -= min(history, p.cached_prefix.get(session, 0))
-            fixed_cost = base + self.t_kv(history, d.layout, layout)
+            fixed_cost = self.t_remote_service(task, p, d, self.locality)
             if not self.itl_aware and fixed_cost >= best_key[1]:
                 continue  # cannot beat the best even with an empty queue
             limit = float("inf") if self.itl_aware else best_key[1] - fixed_cost
@@ -150,12 +140,9 @@ class AMPDPolicy(BasePolicy):
         return Route("remote", best_worker, "cost-remote")
 
     def _t_remote(self, task: PrefillTask, p: WorkerState, d: WorkerState, now: float) -> float:
-        """Eq. 2: predicted completion of `task` on prefill worker p (history out, increment back, queue)."""
-        history = task.l_hist
-        if self.locality:
-            history -= min(history, p.cached_prefix.get(task.session_id, 0))
-        return (self.t_pre(task, p.layout) + self.t_kv(history, d.layout, p.layout)
-                + self.t_kv(task.l_incr, p.layout, d.layout) + self.backlog(p, now))
+        """Eq. 2: predicted completion of `task` on prefill worker p (the remote round as p's backend runs
+        it, plus p's queue)."""
+        return self.t_remote_service(task, p, d, self.locality) + self.backlog(p, now)
 
     def _paused_itl(self, d: WorkerState, itl: float | None, pause: float) -> float:
         """Predicted ITL of d's running rounds if its batch pauses for `pause` seconds."""

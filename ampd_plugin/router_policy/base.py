@@ -9,6 +9,7 @@ from __future__ import annotations
 import random
 
 from ampd_plugin.costmodel import CostModel, Layout
+from ampd_plugin.costmodel.kv_pricing import remote_round_seconds
 from ampd_plugin.router_policy.registry import least_loaded_decode
 from ampd_plugin.router_policy.spec import hookimpl
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask, SessionInfo, WorkerState
@@ -80,6 +81,17 @@ class BasePolicy:
                 self._kv_table.clear()
             value = self._kv_table[key] = self.cost_model.t_kv(tokens, src, dst)
         return value
+
+    def t_remote_service(self, task: PrefillTask, p: WorkerState, d: WorkerState, locality: bool = True) -> float:
+        """Service time of `task` as a remote round on p (no queue), as p's backend really runs it
+        (`costmodel.kv_pricing.remote_round_seconds`): vLLM reads the history p lacks from d; SGLang
+        recomputes it on p (its prefix cache always counts: it is what the engine does)."""
+        cached = 0
+        if locality or p.layout.backend == "sglang":
+            cached = p.cached_prefix.get(task.session_id, 0)
+            if p.layout.backend != "sglang":
+                cached = min(task.l_hist, cached)
+        return remote_round_seconds(task.l_hist, task.l_incr, cached, p.layout, d.layout, self._t_pre, self.t_kv)
 
     def backlog(self, worker: WorkerState, now: float, limit: float = float("inf")) -> float:
         """Predicted seconds of prefill work ahead of a new arrival: the running task's rest + the queue.

@@ -208,8 +208,10 @@ def test_fitted_model_formulas():
     layout = Layout(tp=2)
     assert cm.t_pre(1000, 200, layout) == pytest.approx(0.01 + 1e-4 * 200 + 1e-8 * 200 * (1000 + 100))
     assert cm.t_dec(4, 4000, layout) == pytest.approx(0.005 + 4e-4 + 4e-4)
-    assert cm.t_kv(1000, layout, layout) == pytest.approx(1e-3 + 1000 * 1024 / 1e9)
-    assert cm.t_kv(1000, layout, layout, "nvlink") == pytest.approx(1e-5 + 1000 * 1024 / 1e11)
+    # The link coefficients are one rank's: two ranks each read half of the KV in parallel.
+    assert cm.t_kv(1000, layout, layout) == pytest.approx(1e-3 + 1000 * 1024 / 2 / 1e9)
+    assert cm.t_kv(1000, layout, layout, "nvlink") == pytest.approx(1e-5 + 1000 * 1024 / 2 / 1e11)
+    assert cm.t_kv(1000, Layout(1), Layout(1)) == pytest.approx(1e-3 + 1000 * 1024 / 1e9)
     assert cm.kv_capacity_tokens(layout) == 50_000
     with pytest.raises(ValueError, match="profiled: tp=2,pp=1"):
         cm.t_pre(0, 10, Layout(tp=8))
