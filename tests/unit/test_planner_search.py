@@ -213,3 +213,64 @@ def test_fast_links_make_cross_node_plans_cheaper():
                        rate=4.0, ttft_slo=0.5)
     fast = search(fast_req).candidates[0]
     assert fast.objective <= slow.objective + 1e-9
+
+
+class HeadsCost(DegreeCost):
+    """DegreeCost for a model with `heads` KV heads (and optionally hybrid layers)."""
+
+    def __init__(self, heads, hybrid="", **kw):
+        super().__init__(**kw)
+        from ampd_plugin.costmodel import ModelSpec
+
+        self.model = ModelSpec("m", 1024, 4, 12, heads, 64, 4096, 1000, hybrid=hybrid)
+        self.num_key_value_heads = heads
+
+
+def test_degrees_the_connector_cannot_map_are_left_out_with_the_reason():
+    # 6 KV heads: TP 4 splits them unevenly and is not a multiple of 6; TP 1, 2, 3 serve.
+    req = request(cost_model=HeadsCost(6), degrees=(1, 2, 3, 4), gpus=8)
+    tables = build_tables(req)
+    assert tables[0].degrees == (1, 2, 3) and tables[1].degrees == (1, 2, 3)
+    result = search(req)
+    assert any("TP=4 with 6 KV heads" in w for w in result.warnings)
+    for cand in result.candidates:
+        for n in (k for k, v in cand.prefill.items() if v):
+            for m in (k for k, v in cand.decode.items() if v):
+                assert n % m == 0 or m % n == 0, cand.label()  # 2 and 3 never pair
+    # A pair that does not divide is refused by the objective too.
+    bad = Candidate({2: 1}, {3: 2}, math.inf)
+    assert evaluate(req, tables, bad)[0] == math.inf
+    with pytest.raises(PlanInfeasible, match="TP=4 with 6 KV heads"):
+        search(request(cost_model=HeadsCost(6), degrees=(4,)))
+
+
+def test_hybrid_models_cannot_be_planned_disaggregated():
+    cm = HeadsCost(8, hybrid="layer_types has linear_attention (hybrid KV cache)")
+    with pytest.raises(PlanInfeasible, match="cannot be served disaggregated: layer_types has linear_attention"):
+        search(request(cost_model=cm))
+    assert search(request(cost_model=cm, policy="colocated")).candidates  # no KV moves: fine
+
+
+def test_hybrid_detection_from_hf_configs():
+    from ampd_plugin.costmodel import ModelSpec
+
+    base = dict(hidden_size=64, num_attention_heads=4, num_hidden_layers=2, vocab_size=100, intermediate_size=128)
+    assert ModelSpec.from_hf_config(base).hybrid == ""
+    assert ModelSpec.from_hf_config({**base, "layer_types": ["full_attention"] * 2}).hybrid == ""
+    assert "sliding_attention" in ModelSpec.from_hf_config({**base, "layer_types": ["sliding_attention"]}).hybrid
+    assert "mamba" in ModelSpec.from_hf_config({**base, "model_type": "mamba2"}).hybrid
+    assert "ssm_state_size" in ModelSpec.from_hf_config({**base, "ssm_state_size": 16}).hybrid
+
+
+def test_sglang_surrogate_prices_the_recompute_and_no_history_read():
+    st = WorkloadStats.from_rounds([(0, 1000, 10, 1.0), (1010, 200, 10, 1.0)], 1)
+    st.prev_out = np.array([0.0, 10.0])
+    cm = DegreeCost()
+    vllm = LatencyModel(cm, st, 1.0, 0.05)
+    sgl = LatencyModel(cm, st, 1.0, 0.05, backend="sglang")
+    lay = Layout(2)
+    assert vllm.prefill_service(2)[1] == pytest.approx(cm.t_pre(1010, 200, lay))
+    # P served round 0 and caches its prompt (1000), not its 10 output tokens: computes 210.
+    assert sgl.prefill_service(2)[1] == pytest.approx(cm.t_pre(1000, 210, lay))
+    assert vllm.transfer_time(2, 2)[1] == pytest.approx(cm.t_kv(1010, lay, lay) + cm.t_kv(200, lay, lay))
+    assert sgl.transfer_time(2, 2)[1] == pytest.approx(cm.t_kv(200, lay, lay))

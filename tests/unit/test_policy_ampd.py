@@ -280,3 +280,30 @@ def test_itl_aware_learns_output_length_from_metrics():
         runner.on_metrics("d0", "output_tokens", 500, 1.0)
     runner.on_metrics("d0", "ttft", 9.0, 1.0)  # other kinds are ignored
     assert runner.plugin.output_tokens == pytest.approx(500, rel=0.01)
+
+
+def test_sglang_prefill_workers_are_priced_with_the_history_recomputed():
+    """On SGLang a remote round recomputes on P what P's cache lacks and reads no history from D."""
+    from ampd_plugin.costmodel import Layout
+
+    cost = FakeCost()
+    c = cluster(1, 1)
+    p, d = c.prefill["p0"], c.decode["d0"]
+    p.cached_prefix = {"s": 400}
+    t = task(l_hist=1000, l_incr=500)
+    vllm = ampd(locality=True).plugin._t_remote(t, p, d, 0.0)
+    assert vllm == pytest.approx(cost.t_pre(1000, 500, p.layout) + cost.t_kv(600, d.layout, p.layout)
+                                 + cost.t_kv(500, p.layout, d.layout))
+    p.layout = Layout(1, backend="sglang")
+    sgl = ampd().plugin._t_remote(t, p, d, 0.0)  # P's radix cache counts whether or not the policy uses locality
+    assert sgl == pytest.approx(cost.t_pre(400, 1100, p.layout) + cost.t_kv(500, p.layout, d.layout))
+    assert sgl == pytest.approx(0.04 + 1.1 + 0.005)
+    # Under TTFT and ITL pressure the cost-model fallback decides. A TP2 prefill worker that never saw the
+    # session: vLLM reads the history (0.3 + 0.01 + 0.005 s) and beats local (0.6 s); SGLang recomputes
+    # all 1500 tokens (0.75 + 0.005 s) and loses to local.
+    p.cached_prefix = {}
+    pressure(c, itl=0.5)
+    p.layout = Layout(2)
+    assert ampd().route_prefill(t, c).kind == "remote"
+    p.layout = Layout(2, backend="sglang")
+    assert ampd().route_prefill(t, c).kind == "local"

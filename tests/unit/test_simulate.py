@@ -196,3 +196,19 @@ def test_the_simulator_lets_the_policy_order_each_queue():
     assert fifo["s1"] > 1.5 and fifo["s2"] > 1.5  # stuck behind the long prefill
     assert reordered["s1"] < 1.5 and reordered["s2"] < 1.5
     assert reordered["long"] > fifo["long"]
+
+
+def test_sglang_remote_round_recomputes_the_history_on_p_and_reads_none():
+    """SGLang's prefill worker never reads the history from D: it recomputes what its cache lacks."""
+    cost = FakeCost(step=0.02)
+    s = session("s", 1.0, (1000, 11, 5.0), (300, 6, 0.0))
+    lp, ld = Layout(2, backend="sglang"), Layout(1, backend="sglang")
+    result = simulate(Deployment(Pool(1, lp), Pool(1, ld)), [s], "disagg", cost, serving=ENGINE_ONLY, **SLO)
+    r0, r1 = result.records
+    assert r0.ttft == pytest.approx(cost.t_pre(0, 1000, lp) + cost.t_kv(1000, lp, ld) + cost.t_pre(999, 1, ld))
+    # round 1: P caches round 0's 1000-token prompt (not its 11 output tokens): it computes 311 tokens, no
+    # export on D, no history read; D receives the 300 tokens past the 1011 it holds.
+    assert r1.ttft == pytest.approx(cost.t_pre(1000, 311, lp) + cost.t_kv(300, lp, ld) + cost.t_pre(1310, 1, ld))
+    assert r1.kv_bytes == 300 * cost.kv_bytes_per_token
+    vllm = run(("1x2", "1"), [s], "disagg", cost=cost, serving=ENGINE_ONLY).records[1]
+    assert vllm.ttft != pytest.approx(r1.ttft)  # the two backends are priced differently
