@@ -65,7 +65,7 @@ class Router:
         self.cluster = ClusterState()
         capacity = cfg.decode_kv_tokens or self._capacity()
         for ep in self.eps.values():
-            w = WorkerState(ep.worker_id, ep.kind, Layout(), window_s=policy.window_s)
+            w = WorkerState(ep.worker_id, ep.kind, Layout(backend=cfg.engine), window_s=policy.window_s)
             if ep.kind == "decode":
                 w.kv_capacity_tokens = capacity
             self.cluster.add_worker(w)

@@ -150,3 +150,23 @@ def test_backend_is_not_part_of_layout_identity():
     assert Layout(2, backend="sglang") == Layout(2) and hash(Layout(2, backend="sglang")) == hash(Layout(2))
     with pytest.raises(ValueError, match="unknown backend"):
         Layout(1, backend="trt")
+
+
+def test_router_workers_carry_the_engine_as_layout_backend():
+    """The live router's policy prices SGLang workers' remote rounds as SGLang runs them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from policy_fakes import FakeCost
+
+    from ampd_plugin.router.config import RouterConfig
+    from ampd_plugin.router.server import Router
+    from ampd_plugin.router_policy.registry import load_policy
+
+    for engine in ("vllm", "sglang"):
+        cfg = RouterConfig(prefill=["http://127.0.0.1:9"], decode=["http://127.0.0.1:10"], engine=engine,
+                           decode_kv_tokens=1000)
+        router = Router(cfg, load_policy("ampd", FakeCost(), ttft_slo=2.0, itl_slo=0.1), FakeCost())
+        workers = list(router.cluster.prefill.values()) + list(router.cluster.decode.values())
+        assert {w.layout.backend for w in workers} == {engine}
