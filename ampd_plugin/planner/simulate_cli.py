@@ -10,8 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ampd_plugin.costmodel import build_cost_model
-from ampd_plugin.planner.simulate import Deployment, parse_pool
+from ampd_plugin.costmodel import BACKENDS, Layout, build_cost_model
+from ampd_plugin.planner.simulate import Deployment, Pool, parse_pool
 from ampd_plugin.planner.simulate import simulate as run_simulation
 from ampd_plugin.router_policy.registry import available_policies
 from ampd_plugin.workload import PROFILES, load_workload
@@ -63,9 +63,12 @@ def _params(ctx: click.Context, param: click.Parameter, values: tuple[str, ...])
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed for the workload and the policy.")
 @click.option("--ttft-slo", required=True, type=POSITIVE, help="TTFT SLO in seconds (every prefill).")
 @click.option("--itl-slo", required=True, type=POSITIVE, help="ITL (TPOT) SLO in seconds.")
+@click.option("--engine", type=click.Choice(BACKENDS), default="vllm", show_default=True,
+              help="What the workers run: prices remote rounds as it does them (SGLang recomputes the history on "
+                   "the prefill worker; vLLM reads it from the decode worker).")
 @click.option("--json", "as_json", is_flag=True, help="Print exactly one JSON object (no progress bar).")
 def simulate_cmd(workload, model, gpu, profile, prefill, decode, policy, params, rate, sessions, seed,
-                 ttft_slo, itl_slo, as_json) -> None:
+                 ttft_slo, itl_slo, engine, as_json) -> None:
     """Simulate a multi-round workload on a prefill/decode deployment and report SLO attainment."""
     try:
         cost = build_cost_model(model, gpu, profile)
@@ -75,7 +78,10 @@ def simulate_cmd(workload, model, gpu, profile, prefill, decode, policy, params,
             raise ValueError(f"workload profile {workload!r} needs --rate")
         sessions_list = load_workload(workload.lower() if workload.lower() in PROFILES else workload,
                                       sessions=sessions, rate=rate, seed=seed)
-        deployment = Deployment(prefill, decode)
+        if engine == "sglang" and prefill.count and prefill.layout.tp != decode.layout.tp:
+            raise ValueError("the SGLang ampd backend needs the same TP on prefill and decode workers")
+        deployment = Deployment(*(Pool(p.count, Layout(p.layout.tp, p.layout.pp, backend=engine))
+                                  for p in (prefill, decode)))
         connector = "ampd" if prefill.count else "none"  # as `plan` emits the router for it
         if as_json:
             result = run_simulation(deployment, sessions_list, policy, cost, ttft_slo=ttft_slo, itl_slo=itl_slo,
@@ -91,7 +97,7 @@ def simulate_cmd(workload, model, gpu, profile, prefill, decode, policy, params,
         raise click.ClickException(str(exc)) from None
 
     summary = result.summary(ttft_slo, itl_slo)
-    summary.update(workload=workload, model=model, gpu=gpu, rate=rate, seed=seed, policy_params=params)
+    summary.update(workload=workload, model=model, gpu=gpu, rate=rate, seed=seed, policy_params=params, engine=engine)
     if as_json:
         click.echo(json.dumps(summary))
         return

@@ -153,14 +153,18 @@ print(json.dumps(out))
 
 @pytest.mark.skipif(not SGLANG_PYTHON.exists(), reason="needs .venv-sglang (scripts/setup_sglang_venv.sh)")
 def test_sglang_parser_accepts_every_worker_command():
-    dep = deployment(engine="sglang", prefill={4: 2}, decode={4: 2})
-    argvs = [[_concrete(a) for a in w.argv[3:]] for w in dep.workers]  # after `python -m sglang.launch_server`
+    """A hand-built deployment and every one `plan --engine sglang` emits for a real preset (equal TP)."""
+    workers = deployment(engine="sglang", prefill={4: 2}, decode={4: 2}).workers
+    for dep in _planned("sglang"):
+        assert len({w.tp for w in dep.workers}) == 1, dep.label  # the SGLang backend needs equal TP
+        workers += dep.workers
+    argvs = [[_concrete(a) for a in w.argv[3:]] for w in workers]  # after `python -m sglang.launch_server`
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run([str(SGLANG_PYTHON), "-c", SGLANG_PARSE], input=json.dumps(argvs), text=True,
                           capture_output=True, timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     assert proc.returncode == 0, proc.stderr[-2000:]
     parsed = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert parsed == [[w.tp, w.kind, "ampd", w.port] for w in dep.workers]
+    assert parsed == [[w.tp, w.kind, "ampd", w.port] for w in workers]
 
 
 def _kv_config(w):
@@ -226,19 +230,3 @@ def test_every_planned_vllm_deployment_parses_and_is_a_supported_layout(vllm_par
             assert ns.tensor_parallel_size == w.tp and ns.pipeline_parallel_size == 1
             assert ns.kv_transfer_config.kv_connector == "ampd"
             assert ns.kv_transfer_config.kv_role == "kv_both"
-
-
-@pytest.mark.skipif(not SGLANG_PYTHON.exists(), reason="needs .venv-sglang (scripts/setup_sglang_venv.sh)")
-def test_every_planned_sglang_deployment_parses_with_equal_tp():
-    deps = _planned("sglang")
-    argvs, expect = [], []
-    for dep in deps:
-        assert len({w.tp for w in dep.workers}) == 1, dep.label  # the SGLang backend needs equal TP
-        for w in dep.workers:
-            argvs.append([_concrete(a) for a in w.argv[3:]])
-            expect.append([w.tp, w.kind, "ampd", w.port])
-    repo = Path(__file__).resolve().parents[2]
-    proc = subprocess.run([str(SGLANG_PYTHON), "-c", SGLANG_PARSE], input=json.dumps(argvs), text=True,
-                          capture_output=True, timeout=300, cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == expect
