@@ -39,6 +39,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from ampd_plugin import slo
 from ampd_plugin.costmodel.kv_pricing import remote_round
+from ampd_plugin.costmodel.layout import pair_refusal
 from ampd_plugin.planner.deployment import Deployment, Pool, SimResult, parse_pool  # noqa: F401 (re-exported)
 from ampd_plugin.planner.engine_sim import Engine, Job
 from ampd_plugin.planner.serving import ServingTerms
@@ -122,6 +123,12 @@ class _Simulator:
         self.prefill: dict[str, _Prefill] = {}
         self.decode: dict[str, _Decode] = {}
         self.workers: dict[str, _Worker] = {}
+        heads = getattr(cost_model, "num_key_value_heads", None)
+        if deployment.prefill.count and heads:  # the connector moves KV only between layouts it can map
+            why = pair_refusal(heads, deployment.prefill.layout, deployment.decode.layout,
+                               deployment.prefill.layout.backend)
+            if why:
+                raise ValueError(f"{deployment}: {why}")
         window = runner.window_s
         for kind, pool, prefix in ((PREFILL, deployment.prefill, "p"), (DECODE, deployment.decode, "d")):
             layout = pool.layout

@@ -212,3 +212,16 @@ def test_sglang_remote_round_recomputes_the_history_on_p_and_reads_none():
     assert r1.kv_bytes == 300 * cost.kv_bytes_per_token
     vllm = run(("1x2", "1"), [s], "disagg", cost=cost, serving=ENGINE_ONLY).records[1]
     assert vllm.ttft != pytest.approx(r1.ttft)  # the two backends are priced differently
+
+
+def test_a_deployment_the_connector_cannot_map_is_refused_up_front():
+    from ampd_plugin.costmodel import build_cost_model
+
+    cost = build_cost_model("Llama-3.1-70B", "H20")  # 8 KV heads
+    s = [session("s", 0.0, (100, 5, 0.0))]
+    with pytest.raises(ValueError, match="decode TP=6 with 8 KV heads: the heads split neither evenly"):
+        simulate(Deployment(Pool(1, Layout(4)), Pool(1, Layout(6))), s, "disagg", cost, **SLO)
+    with pytest.raises(ValueError, match="same TP on both sides"):
+        simulate(Deployment(Pool(1, Layout(4, backend="sglang")), Pool(1, Layout(8, backend="sglang"))), s,
+                 "disagg", cost, **SLO)
+    assert simulate(Deployment(Pool(1, Layout(4)), Pool(1, Layout(8))), s, "disagg", cost, **SLO).records
