@@ -47,6 +47,9 @@ class RoundAccounting:
         TPOT is `slo.tpot(t_first, t_last, n_out)` for every round with two tokens or more, streaming or
         not (non-streaming: t_first is the TTFT instant, t_last the response's arrival, n_out from usage).
         """
+        if ctx.accounted:
+            return
+        ctx.accounted = True
         now = time.monotonic()
         s, route, plan = ctx.session, ctx.route, ctx.plan
         if ok and t_first is not None:

@@ -61,7 +61,10 @@ class RouterConfig:
     eject_after_failures: int = 3  # consecutive failed requests (5xx, timeout, stall) that eject a worker
     eject_base_s: float = 10.0  # first ejection's back-off; doubles per ejection in a row
     eject_max_s: float = 300.0
-    session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its KV counts as released)
+    session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its binding and prompt go)
+    # How long a finished round's KV counts as resident on its decode worker; None = the connector's own
+    # retention TTL as each engine reports it (its default, 300 s, until it does). router/ledger.py.
+    residency_ttl_s: float | None = None
     session_wait_s: float = 60.0  # a round waits this long for its session's previous round, then 409
     log_level: str = "info"
     decision_log: bool = True
@@ -109,6 +112,8 @@ class RouterConfig:
                              "SGLang's PD wire has no such request (use --engine vllm or leave it at 0)")
         if not 0.0 <= self.balanced_pd_share < 1.0:
             raise ValueError("balanced_pd_share must be in [0, 1)")
+        if self.residency_ttl_s is not None and self.residency_ttl_s < 0:
+            raise ValueError("residency_ttl_s must be >= 0 seconds")
         if self.session_wait_s < 0:
             raise ValueError("session_wait_s must be >= 0 seconds")
         if self.ttft_slo <= 0 or self.itl_slo <= 0:

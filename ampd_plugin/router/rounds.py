@@ -145,6 +145,10 @@ class RoundRunner:
         finally:
             if not ctx.stream or not ctx.relay_started:
                 ctx.finish_session_round()
+                # Every way out (error, client cancel, timeout, an engine's 4xx) settles the round once:
+                # its in-flight KV, an anonymous session's binding and its metrics are owned by `finish`.
+                if not ctx.accounted:
+                    self.accounting.finish(ctx, t_first=None, t_last=None, n_out=0, ok=False)
 
     async def _attempt(self, ctx: RoundCtx) -> Response:
         ctx.new_attempt()
@@ -154,11 +158,12 @@ class RoundRunner:
         decode = self.cluster.bindings.get(s.session_id)
         if decode is None or not self.cluster.decode[decode].alive:
             decode = self.planner.bind(s, ctx.prompt_tokens, "first-round" if s.rounds == 0 else "rebind")
-        l_hist = min(s.resident_tokens, ctx.prompt_tokens - 1) if s.resident_worker == decode else 0
+        l_hist = min(self.accounting.ledger.history(s, decode), ctx.prompt_tokens - 1)
         task = PrefillTask(s.session_id, s.rounds, max(0, l_hist), ctx.prompt_tokens - max(0, l_hist), now, decode)
         ctx.task, ctx.decode, ctx.released = task, decode, False
         shape = prim.RoundShape(decode, ctx.prompt_tokens, task.l_hist)
         ctx.plan, ctx.route = self.planner.plan(ctx, task, shape, self.counter or PromptCounter(None))
+        self.accounting.ledger.begin(s, ctx.decode, ctx.prompt_tokens)  # in-flight KV counts from dispatch
         await self.queues.acquire(ctx.plan.queue_worker, task)
         task.started_at = time.monotonic()
         ctx.queue_wait = task.started_at - now

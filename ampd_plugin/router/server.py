@@ -70,10 +70,10 @@ class Router:
                 w.kv_capacity_tokens = capacity
             self.cluster.add_worker(w)
             self.metrics.worker_up.labels(ep.worker_id, ep.kind).set(1)
-        self.engine_signals = EngineSignals(self.cluster, cfg.decode_kv_tokens)
         self.sessions = SessionStore(cfg.session_ttl_s)
         self.queues = PrefillQueues(self.cluster, self._order, self._slots, self._on_queue)
-        self.ledger = KVLedger(self.cluster, self.sessions)
+        self.ledger = KVLedger(self.cluster, self.sessions, cfg.residency_ttl_s)
+        self.engine_signals = EngineSignals(self.cluster, cfg.decode_kv_tokens, on_retention=self.ledger.learn_retention)
         self.health_state = WorkerHealth(self.eps, self.cluster, self.metrics, self.queues, self.ledger, self.sessions)
         self.outliers = OutlierDetector(list(self.eps), self.metrics, self._eject, failures=cfg.eject_after_failures,
                                         base_s=cfg.eject_base_s, max_s=cfg.eject_max_s)
@@ -176,6 +176,7 @@ class Router:
         m.bindings.labels("anonymous").set(anon)
         m.prompt_chars.set(sum(len(s.last_text) for s in self.sessions))
         m.ejected.set(self.outliers.ejected_count())
+        m.inflight.set(self.ledger.in_flight())
 
     def _eject(self, wid: str, why: str) -> None:
         """Outlier ejection: out of routing like a dead worker; the health check lets it back after the back-off."""
