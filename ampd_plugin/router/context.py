@@ -41,6 +41,7 @@ class RoundCtx:
     ttft_source: str = ""  # "stream" (first token event), "prefill" (P's answer), "predicted" (local, non-streaming)
     end_round: Callable[[], None] | None = None  # frees the session for its next round (called once)
     accounted: bool = False  # `RoundAccounting.finish` ran for this round (exactly once)
+    recomputed: int = 0  # history tokens the holder reported recomputing for this round's export
 
     def new_attempt(self) -> None:
         """A retry is a new transfer with a new prefill."""

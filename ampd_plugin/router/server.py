@@ -36,6 +36,7 @@ from ampd_plugin.router.outliers import OutlierDetector
 from ampd_plugin.router.planning import RoundPlanner
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.relay import race_disconnect
+from ampd_plugin.router.retention import RetentionReleaser
 from ampd_plugin.router.round_io import RoundIO
 from ampd_plugin.router.rounds import RoundRunner
 from ampd_plugin.router.sessions import PromptCounter, SessionStore
@@ -84,6 +85,9 @@ class Router:
         self.model_card: dict | None = {"id": cfg.model, "object": "model"} if cfg.model else None
         # The round executor is chosen once, from the engine the workers run.
         executor = make_executor(cfg, self.io, model=lambda: (self.model_card or {}).get("id"))
+        self.retention = RetentionReleaser(self.upstreams, self.metrics, lambda: (self.model_card or {}).get("id"))
+        if cfg.engine == "vllm" and cfg.kv_connector == "ampd":
+            self.accounting.release_retention = self.retention.release
         self.rounds = RoundRunner(cfg, self.cluster, self.sessions, self.queues, RoundPlanner(cfg, self.cluster, policy, self.metrics, self.outliers.suspect),
                                   executor, self.io, self.accounting, self.health_state, counter)
         self._bg: list[asyncio.Task] = []
@@ -146,6 +150,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._bg.clear()
+        await self.retention.close()
         await self.upstreams.close()
         self.rounds.close()
 
