@@ -34,6 +34,7 @@ from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.metrics import RouterMetrics
 from ampd_plugin.router.outliers import OutlierDetector
 from ampd_plugin.router.planning import RoundPlanner
+from ampd_plugin.router.recalibration import OnlineRefit
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.relay import race_disconnect
 from ampd_plugin.router.retention import RetentionReleaser
@@ -85,6 +86,11 @@ class Router:
         self.model_card: dict | None = {"id": cfg.model, "object": "model"} if cfg.model else None
         # The round executor is chosen once, from the engine the workers run.
         executor = make_executor(cfg, self.io, model=lambda: (self.model_card or {}).get("id"))
+        self.refit: OnlineRefit | None = None
+        if cfg.refit_online or cfg.refit_out:
+            self.refit = OnlineRefit(cost_model, self.cluster, min_samples=cfg.refit_min_samples,
+                                     max_step=cfg.refit_max_step, interval_s=cfg.refit_interval_s, out_path=cfg.refit_out)
+            self.accounting.observers.append(self.refit.observe)
         self.retention = RetentionReleaser(self.upstreams, self.metrics, lambda: (self.model_card or {}).get("id"))
         if cfg.engine == "vllm" and cfg.kv_connector == "ampd":
             self.accounting.release_retention = self.retention.release
@@ -157,6 +163,11 @@ class Router:
     async def _health_tick(self, result: dict[str, bool]) -> None:
         self.health_state.tick(result)
         await self._poll_engines()
+        if self.refit is not None:
+            try:
+                self.refit.maybe_refit()
+            except Exception:  # a failed refit keeps the current model; the router keeps serving
+                log.exception("online refit failed; the cost model is unchanged")
 
     async def _poll_engines(self) -> None:
         """Each live worker's own /metrics (running, waiting, KV usage and capacity, prefix hits)."""
