@@ -78,8 +78,9 @@ class RoundAccounting:
             self.metrics.itl.labels(ctx.decode).observe(tpot)
         if ok and n_out:
             self.policy.on_metrics(ctx.decode, "output_tokens", float(n_out), now)
-        # what the decode worker now holds for this session
+        # what the decode worker now holds for this session: the prompt and the generated text
         self.ledger.settle(s, ctx.decode if ok and s.explicit else None, ctx.prompt_tokens + n_out)
+        s.last_output = "".join(ctx.output) if ok and ctx.output is not None else ""
         if ok and plan is not None and plan.name == "migrate" and s.explicit and self.release_retention is not None:
             self.release_retention(plan.notes["from"], s.session_id)  # the worker it left keeps no pin
         if ok:

@@ -42,6 +42,8 @@ class RoundCtx:
     end_round: Callable[[], None] | None = None  # frees the session for its next round (called once)
     accounted: bool = False  # `RoundAccounting.finish` ran for this round (exactly once)
     recomputed: int = 0  # history tokens the holder reported recomputing for this round's export
+    reusable: int | None = None  # tokens of the prompt the decode worker may hold (None: all it holds)
+    output: list[str] | None = None  # the generated text, collected for named sessions (bounded)
 
     def new_attempt(self) -> None:
         """A retry is a new transfer with a new prefill."""

@@ -126,6 +126,8 @@ class RoundIO:
         with contextlib.suppress(Exception):
             doc = orjson.loads(data)
             out = int(doc["usage"]["completion_tokens"])
+        if ctx.output is not None:
+            ctx.output = _answer_text(doc)
         if isinstance(doc, dict) and step.recv is not None and step.recv.ref is not None:  # a migration's read
             with contextlib.suppress(Exception):
                 self.history_report(ctx, step.recv.ref.holder, wire.response_stats(doc.get("kv_transfer_params")))
@@ -163,3 +165,13 @@ class RoundIO:
             return max(0.0, float(self.cost_model.t_pre(ctx.task.l_hist, ctx.task.l_incr, w.layout)))
         except Exception:
             return 0.0
+
+
+def _answer_text(doc) -> list[str] | None:
+    """A non-streaming answer's generated text (None when it is not a plain single-choice answer)."""
+    try:
+        choice = doc["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return [text] if isinstance(text, str) else None
