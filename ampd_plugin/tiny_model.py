@@ -24,12 +24,20 @@ from pathlib import Path
 
 import click
 
+# `strip_earlier_thinking` (a chat_template_kwargs switch, off by default) renders every assistant turn but
+# the latest without its `<think>…</think>` part, as reasoning models' templates do: the re-rendered history
+# is then not a prefix of what the decode worker holds (tests of the router's common-prefix reuse).
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}<|end|>\n{% endfor %}"
+    "{% set ns = namespace(last=-1) %}{% for message in messages %}{% if message['role'] == 'assistant' %}"
+    "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
+    "{% for message in messages %}<|{{ message['role'] }}|>\n"
+    "{% if strip_earlier_thinking and message['role'] == 'assistant' and loop.index0 != ns.last "
+    "and '</think>' in message['content'] %}{{ message['content'].split('</think>')[-1] }}"
+    "{% else %}{{ message['content'] }}{% endif %}<|end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 SPECIAL_TOKENS = ["<|unk|>", "<|bos|>", "<|end|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|tool|>"]
-BUILD_VERSION = 1  # bump when the recipe changes, so caches rebuild
+BUILD_VERSION = 2  # bump when the recipe changes, so caches rebuild
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Callable
 
 import orjson
 
@@ -24,6 +25,21 @@ class RoundAccounting:
                  metrics: RouterMetrics, ledger: KVLedger) -> None:
         self.cfg, self.cluster, self.policy, self.cost_model = cfg, cluster, policy, cost_model
         self.metrics, self.ledger = metrics, ledger
+        # (old decode worker, session): a migrated session's pin on the worker it left (router/retention.py)
+        self.release_retention: Callable[[str, str], None] | None = None
+        self.observers: list[Callable[[RoundCtx, float | None, float | None, int], None]] = []  # ok rounds
+
+    def history_recomputed(self, ctx: RoundCtx, holder: str, tokens: int) -> None:
+        """The connector reports that `holder` recomputed `tokens` of the session's history for an export:
+        it had been evicted there. The residency goes (a later plan must not assume it), the cost shows in
+        metrics and the decision log, and the policy is told (`on_metrics` kind "history_recomputed_tokens")."""
+        if tokens <= 0:
+            return
+        ctx.recomputed += tokens
+        self.metrics.recomputed.labels(holder).inc(tokens)
+        if self.ledger.evict(ctx.session, holder):
+            self.metrics.residency.labels("evicted").inc()
+        self.policy.on_metrics(holder, "history_recomputed_tokens", float(tokens), time.monotonic())
 
     def first_token(self, ctx: RoundCtx, t_first: float, source: str) -> None:
         """TTFT, recorded the moment the first token reaches the router (once per round).
@@ -47,6 +63,9 @@ class RoundAccounting:
         TPOT is `slo.tpot(t_first, t_last, n_out)` for every round with two tokens or more, streaming or
         not (non-streaming: t_first is the TTFT instant, t_last the response's arrival, n_out from usage).
         """
+        if ctx.accounted:
+            return
+        ctx.accounted = True
         now = time.monotonic()
         s, route, plan = ctx.session, ctx.route, ctx.plan
         if ok and t_first is not None:
@@ -59,8 +78,14 @@ class RoundAccounting:
             self.metrics.itl.labels(ctx.decode).observe(tpot)
         if ok and n_out:
             self.policy.on_metrics(ctx.decode, "output_tokens", float(n_out), now)
-        # what the decode worker now holds for this session
+        # what the decode worker now holds for this session: the prompt and the generated text
         self.ledger.settle(s, ctx.decode if ok and s.explicit else None, ctx.prompt_tokens + n_out)
+        s.last_output = "".join(ctx.output) if ok and ctx.output is not None else ""
+        if ok and plan is not None and plan.name == "migrate" and s.explicit and self.release_retention is not None:
+            self.release_retention(plan.notes["from"], s.session_id)  # the worker it left keeps no pin
+        if ok:
+            for observe in self.observers:
+                observe(ctx, ttft, tpot, n_out)
         s.rounds += 1
         if not s.explicit:
             self.cluster.unbind_session(s.session_id)
@@ -79,6 +104,7 @@ class RoundAccounting:
                 "worker": route.worker if route else None, "decode": ctx.decode, "prefilled_on": ctx.prefiller,
                 "reason": route.reason if route else None, "fallback": ctx.fallback or None,
                 "l_hist": ctx.task.l_hist if ctx.task else None, "l_incr": ctx.task.l_incr if ctx.task else None,
+                "history_recomputed": ctx.recomputed or None,
                 "queue_wait_ms": round(ctx.queue_wait * 1e3, 3),
                 "ttft_ms": round(ttft * 1e3, 3) if ttft is not None else None, "ttft_source": ctx.ttft_source or None,
                 "tpot_ms": round(tpot * 1e3, 3) if tpot is not None else None,

@@ -69,10 +69,15 @@ class _GreedyOption(click.Option):
 @click.option("--cost-model", default=None, help="Roofline cost model: model preset or config.json (with --gpu).")
 @click.option("--gpu", default=None, help="GPU preset for the roofline cost model.")
 @click.option("--balanced-pd-share", type=float, default=None, help="Strategy: P prefills this share of each remote prompt, D the rest.")
+@click.option("--refit-online/--no-refit-online", default=None,
+              help="Refit the --profile cost model's constants to live TTFT/TPOT (bounded, logged; off by default).")
+@click.option("--refit-out", default=None, type=click.Path(dir_okay=False),
+              help="Write the online-refitted profile YAML here after every refit (enables --refit-online).")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def route(ctx, prefill, decode, engine, bootstrap_ports, policy, params, kv_connector, ttft_slo, itl_slo, host, port, config_file,
-          api_key, api_key_file, tokenizer, model, profile, cost_model, gpu, balanced_pd_share, log_level) -> None:
+          api_key, api_key_file, tokenizer, model, profile, cost_model, gpu, balanced_pd_share, refit_online, refit_out,
+          log_level) -> None:
     """Run the multi-round-aware OpenAI-compatible router (binds 127.0.0.1 unless told otherwise)."""
     key_on_argv = api_key is not None and ctx.get_parameter_source("api_key") == click.core.ParameterSource.COMMANDLINE
     if api_key_file:
@@ -89,7 +94,8 @@ def route(ctx, prefill, decode, engine, bootstrap_ports, policy, params, kv_conn
             "policy_params": _policy_params(params) or None, "kv_connector": kv_connector, "ttft_slo": ttft_slo,
             "itl_slo": itl_slo, "host": host, "port": port, "api_key": api_key, "tokenizer": tokenizer,
             "model": model, "profile": profile, "cost_model": cost_model, "gpu": gpu,
-            "balanced_pd_share": balanced_pd_share, "log_level": log_level,
+            "balanced_pd_share": balanced_pd_share, "refit_online": refit_online, "refit_out": refit_out,
+            "log_level": log_level,
         })
         cfg.validate()
     except ValueError as exc:

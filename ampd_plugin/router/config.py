@@ -61,8 +61,17 @@ class RouterConfig:
     eject_after_failures: int = 3  # consecutive failed requests (5xx, timeout, stall) that eject a worker
     eject_base_s: float = 10.0  # first ejection's back-off; doubles per ejection in a row
     eject_max_s: float = 300.0
-    session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its KV counts as released)
+    session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its binding and prompt go)
+    # How long a finished round's KV counts as resident on its decode worker; None = the connector's own
+    # retention TTL as each engine reports it (its default, 300 s, until it does). router/ledger.py.
+    residency_ttl_s: float | None = None
     session_wait_s: float = 60.0  # a round waits this long for its session's previous round, then 409
+    # Online recalibration of a fitted cost model (router/recalibration.py); off unless enabled.
+    refit_online: bool = False
+    refit_out: str | None = None  # write the refitted profile YAML here after every refit (enables refitting)
+    refit_min_samples: int = 50
+    refit_max_step: float = 0.25  # a coefficient moves by at most this fraction per refit
+    refit_interval_s: float = 60.0
     log_level: str = "info"
     decision_log: bool = True
 
@@ -109,6 +118,10 @@ class RouterConfig:
                              "SGLang's PD wire has no such request (use --engine vllm or leave it at 0)")
         if not 0.0 <= self.balanced_pd_share < 1.0:
             raise ValueError("balanced_pd_share must be in [0, 1)")
+        if self.residency_ttl_s is not None and self.residency_ttl_s < 0:
+            raise ValueError("residency_ttl_s must be >= 0 seconds")
+        if not 0 < self.refit_max_step < 1 or self.refit_min_samples < 1 or self.refit_interval_s < 0:
+            raise ValueError("refit_max_step must be in (0, 1), refit_min_samples >= 1, refit_interval_s >= 0")
         if self.session_wait_s < 0:
             raise ValueError("session_wait_s must be >= 0 seconds")
         if self.ttft_slo <= 0 or self.itl_slo <= 0:

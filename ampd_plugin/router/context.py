@@ -40,6 +40,10 @@ class RoundCtx:
     ttft: float | None = None  # set once, when the first token reaches the router
     ttft_source: str = ""  # "stream" (first token event), "prefill" (P's answer), "predicted" (local, non-streaming)
     end_round: Callable[[], None] | None = None  # frees the session for its next round (called once)
+    accounted: bool = False  # `RoundAccounting.finish` ran for this round (exactly once)
+    recomputed: int = 0  # history tokens the holder reported recomputing for this round's export
+    reusable: int | None = None  # tokens of the prompt the decode worker may hold (None: all it holds)
+    output: list[str] | None = None  # the generated text, collected for named sessions (bounded)
 
     def new_attempt(self) -> None:
         """A retry is a new transfer with a new prefill."""

@@ -12,6 +12,7 @@ at start-up. Names per engine (checked against vLLM 0.32's endpoint; SGLang's fr
 | KV usage (0..1) | `vllm:kv_cache_usage_perc` | `sglang:token_usage` |
 | prefix hits | `vllm:prefix_cache_hits` / `vllm:prefix_cache_queries` (counters) | `sglang:cache_hit_rate` |
 | KV capacity (tokens) | `vllm:cache_config_info` labels `kv_cache_size_tokens`, else `num_gpu_blocks` × `block_size` | `sglang:max_total_num_tokens` |
+| session retention TTL (s) | `vllm:ampd_retention_ttl_seconds` (the `ampd` connector's `retention_ttl_s`) | — |
 
 Parsing uses prometheus_client's text parser. A worker whose endpoint is missing or unparsable simply
 reports nothing (its fields stay None); the poll never affects liveness, which `/health` decides.
@@ -32,7 +33,7 @@ _MAX_METRICS_BYTES = 4 * 1024 * 1024  # a worker's /metrics page larger than thi
 _WANTED = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
            "vllm:prefix_cache_hits", "vllm:prefix_cache_queries", "vllm:cache_config_info",
            "sglang:num_running_reqs", "sglang:num_queue_reqs", "sglang:token_usage", "sglang:cache_hit_rate",
-           "sglang:max_total_num_tokens")
+           "sglang:max_total_num_tokens", "vllm:ampd_retention_ttl_seconds")
 
 
 @dataclass
@@ -46,6 +47,7 @@ class EngineSample:
     prefix_queries: float | None = None
     prefix_hit_rate: float | None = None  # gauge (SGLang)
     kv_capacity_tokens: int | None = None
+    retention_ttl_s: float | None = None  # the ampd connector's pin on a finished session round
 
 
 def parse(text: str) -> EngineSample:
@@ -58,6 +60,10 @@ def parse(text: str) -> EngineSample:
             name = sample.name
             if name == "vllm:cache_config_info":
                 out.kv_capacity_tokens = _capacity_from_info(sample.labels) or out.kv_capacity_tokens
+                continue
+            if name == "vllm:ampd_retention_ttl_seconds":  # one per engine: the shortest, never a sum
+                v = float(sample.value)
+                out.retention_ttl_s = v if out.retention_ttl_s is None else min(out.retention_ttl_s, v)
                 continue
             if name.endswith("_created"):
                 continue
@@ -112,9 +118,10 @@ class EngineSignals:
     own figure is used only when it is None.
     """
 
-    def __init__(self, cluster, fixed_capacity: int | None) -> None:
+    def __init__(self, cluster, fixed_capacity: int | None, on_retention=None) -> None:
         self.cluster = cluster
         self.fixed_capacity = fixed_capacity
+        self.on_retention = on_retention  # (worker id, seconds): the connector's retention TTL, when reported
         self._last_prefix: dict[str, tuple[float, float]] = {}
 
     def apply(self, worker_id: str, text: str | None) -> None:
@@ -129,6 +136,8 @@ class EngineSignals:
             w.engine_running = w.engine_waiting = w.engine_kv_usage = None
             return
         w.engine_running, w.engine_waiting = s.running, s.waiting
+        if s.retention_ttl_s is not None and self.on_retention is not None:
+            self.on_retention(worker_id, s.retention_ttl_s)
         w.engine_kv_usage = min(1.0, max(0.0, s.kv_usage)) if s.kv_usage is not None else None
         if s.prefix_hit_rate is not None:
             w.engine_prefix_hit_rate = s.prefix_hit_rate

@@ -23,8 +23,9 @@ class WorkerHealth:
         self.outliers: OutlierDetector | None = None  # set by the router; an ejected worker stays out
 
     def tick(self, result: dict[str, bool]) -> None:
-        """One health round: apply it, and forget sessions idle past their TTL."""
+        """One health round: apply it, drop residencies whose pin lapsed, forget sessions idle past their TTL."""
         self.apply(result)
+        self.ledger.expire()
         for s in self.sessions.expire():
             self.ledger.forget(s)
         self.metrics.sessions.set(len(self.sessions))

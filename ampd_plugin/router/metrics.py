@@ -35,6 +35,12 @@ class RouterMetrics:
         self.bindings = Gauge(p + "bindings", "Session -> decode worker bindings held", ["kind"], registry=r)
         self.prompt_chars = Gauge(p + "stored_prompt_chars", "Characters of last prompts kept for incremental counting", registry=r)
         self.inflight = Gauge(p + "rounds_in_flight", "Rounds between intake and their accounting", registry=r)
+        # What the KV plane really did (router/ledger.py, router/retention.py).
+        self.recomputed = Counter(p + "history_recomputed_tokens", "History tokens a holder recomputed for an export "
+                                  "(it no longer cached them)", ["worker"], registry=r)
+        self.residency = Counter(p + "residency_dropped", "Session residencies dropped", ["reason"], registry=r)
+        self.retention_releases = Counter(p + "retention_releases", "Retention pins released on a worker a session "
+                                          "migrated away from", ["outcome"], registry=r)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -13,6 +13,7 @@ import time
 from typing import Any, AsyncIterator, Awaitable, Callable
 
 import aiohttp
+import orjson
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
@@ -74,6 +75,8 @@ class Relay:
                             if m:
                                 self.usage_tokens = int(m.group(1))
                         if is_token_event(ev):
+                            if self.ctx.output is not None:
+                                collect_text(self.ctx, ev)
                             self.n_out += 1
                             self.t_last = now
                             if self.t_first is None:
@@ -180,6 +183,22 @@ async def race_disconnect(receive: Receive, work: Awaitable) -> tuple[Any, bool]
         return None, True
     finally:
         watcher.cancel()
+
+
+def collect_text(ctx: RoundCtx, ev: bytes) -> None:
+    """Keep a named session's generated text (the next round's prompt is compared with it); bounded."""
+    from ampd_plugin.router.history import MAX_OUTPUT_CHARS
+
+    try:
+        choice = orjson.loads(ev[ev.index(b"{"):])["choices"][0]
+        text = (choice.get("delta") or {}).get("content") if "delta" in choice else choice.get("text")
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+        text = None
+    out = ctx.output
+    if not isinstance(text, str) or out is None or sum(map(len, out)) + len(text) > MAX_OUTPUT_CHARS:
+        ctx.output = None  # not known exactly: the next round is not limited by it
+        return
+    out.append(text)
 
 
 def is_token_event(ev: bytes) -> bool:

@@ -16,6 +16,7 @@ import aiohttp
 import orjson
 from starlette.responses import Response
 
+from ampd_plugin.connector import params as wire
 from ampd_plugin.costmodel import CostModel
 from ampd_plugin.router import primitives as prim
 from ampd_plugin.router.accounting import RoundAccounting
@@ -111,23 +112,34 @@ class RoundIO:
             timer = asyncio.get_running_loop().call_later(self._predicted_prefill(ctx), self.release, ctx)
         try:
             data = await self.upstreams.read_body(step.worker, resp)
-        except (UpstreamTimeout, WorkerDown) as exc:
-            d.decoding -= 1
-            if isinstance(exc, UpstreamTimeout):
-                self.outliers.failure(step.worker, "timeout")
+        except UpstreamTimeout:
+            self.outliers.failure(step.worker, "timeout")
             raise
-        finally:
+        finally:  # done, failed or cancelled (the client left): the round no longer decodes here
+            d.decoding -= 1
             if timer is not None:
                 timer.cancel()
         t_done = time.monotonic()
-        d.decoding -= 1
         self.outliers.success(step.worker)
         self.release(ctx)
-        out = 0
+        out, doc = 0, None
         with contextlib.suppress(Exception):
-            out = int(orjson.loads(data)["usage"]["completion_tokens"])
+            doc = orjson.loads(data)
+            out = int(doc["usage"]["completion_tokens"])
+        if ctx.output is not None:
+            ctx.output = _answer_text(doc)
+        if isinstance(doc, dict) and step.recv is not None and step.recv.ref is not None:  # a migration's read
+            with contextlib.suppress(Exception):
+                self.history_report(ctx, step.recv.ref.holder, wire.response_stats(doc.get("kv_transfer_params")))
         self.accounting.finish(ctx, t_first=self.non_streaming_first_token(ctx, t_done), t_last=t_done, n_out=out, ok=True)
         return Response(data, media_type=_JSON, headers=headers)
+
+    def history_report(self, ctx: RoundCtx, holder: str | None, stats: dict) -> None:
+        """What a history read's holder really did (the connector's per-request stats): a recompute there
+        means the session had been evicted from it."""
+        n = stats.get("history_recomputed_tokens")
+        if holder is not None and isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            self.accounting.history_recomputed(ctx, holder, n)
 
     def remote_first_token(self, ctx: RoundCtx) -> None:
         """Non-streaming round whose prefill a prefill worker did: TTFT is recorded at P's answer.
@@ -153,3 +165,13 @@ class RoundIO:
             return max(0.0, float(self.cost_model.t_pre(ctx.task.l_hist, ctx.task.l_incr, w.layout)))
         except Exception:
             return 0.0
+
+
+def _answer_text(doc) -> list[str] | None:
+    """A non-streaming answer's generated text (None when it is not a plain single-choice answer)."""
+    try:
+        choice = doc["choices"][0]
+        text = choice["message"]["content"] if "message" in choice else choice["text"]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return [text] if isinstance(text, str) else None

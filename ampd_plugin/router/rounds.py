@@ -25,6 +25,7 @@ from ampd_plugin.router.context import RoundCtx
 from ampd_plugin.router.errors import RouterError, bad_request
 from ampd_plugin.router.executor import RoundExecutor
 from ampd_plugin.router.health import WorkerHealth
+from ampd_plugin.router.history import reusable_tokens
 from ampd_plugin.router.limits import prompt_chars
 from ampd_plugin.router.planning import RoundPlanner
 from ampd_plugin.router.ledger import KVLedger
@@ -107,13 +108,16 @@ class RoundRunner:
         if limit and n >= limit:
             raise bad_request(f"the prompt has {n} tokens; this model's context is {limit}",
                               "context_length_exceeded", field)
+        reusable = await self._reusable(session, prompt, counter) if session.resident_tokens else None
         counter.remember(session, prompt, n)
         self.sessions.admit(session)
-        if not extends and session.resident_tokens:
-            # the client rewrote history: what the worker holds is not a prefix of the new prompt
+        if reusable == 0 and session.resident_tokens:
+            # the client rewrote history: nothing the worker holds is a prefix of the new prompt
             self.accounting.ledger.settle(session, None, 0)
         ctx = RoundCtx(session, chat, body, body.get("stream") is True, prompt, n, t0,
                        headers.get("x-request-id") or f"ampd-{next(_request_ids)}")
+        ctx.reusable = reusable
+        ctx.output = [] if explicit else None  # the generated text: the next round compares with it
         ctx.end_round = unlock  # the relay calls it when a streamed round ends, else the `finally` below
         session.busy = True
         try:
@@ -145,6 +149,17 @@ class RoundRunner:
         finally:
             if not ctx.stream or not ctx.relay_started:
                 ctx.finish_session_round()
+                # Every way out (error, client cancel, timeout, an engine's 4xx) settles the round once:
+                # its in-flight KV, an anonymous session's binding and its metrics are owned by `finish`.
+                if not ctx.accounted:
+                    self.accounting.finish(ctx, t_first=None, t_last=None, n_out=0, ok=False)
+
+    async def _reusable(self, s, prompt, counter: PromptCounter) -> int | None:
+        """`history.reusable_tokens`, off the event loop when it has much text to tokenize."""
+        if isinstance(prompt, str) and len(prompt) - len(s.last_text) > _INLINE_TOKENIZE_CHARS \
+                and not prompt.startswith(s.last_text):
+            return await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, reusable_tokens, s, prompt, counter)
+        return reusable_tokens(s, prompt, counter)
 
     async def _attempt(self, ctx: RoundCtx) -> Response:
         ctx.new_attempt()
@@ -154,11 +169,14 @@ class RoundRunner:
         decode = self.cluster.bindings.get(s.session_id)
         if decode is None or not self.cluster.decode[decode].alive:
             decode = self.planner.bind(s, ctx.prompt_tokens, "first-round" if s.rounds == 0 else "rebind")
-        l_hist = min(s.resident_tokens, ctx.prompt_tokens - 1) if s.resident_worker == decode else 0
+        l_hist = min(self.accounting.ledger.history(s, decode), ctx.prompt_tokens - 1)
+        if ctx.reusable is not None:  # only the longest common prefix of what it holds and the prompt
+            l_hist = min(l_hist, ctx.reusable)
         task = PrefillTask(s.session_id, s.rounds, max(0, l_hist), ctx.prompt_tokens - max(0, l_hist), now, decode)
         ctx.task, ctx.decode, ctx.released = task, decode, False
         shape = prim.RoundShape(decode, ctx.prompt_tokens, task.l_hist)
         ctx.plan, ctx.route = self.planner.plan(ctx, task, shape, self.counter or PromptCounter(None))
+        self.accounting.ledger.begin(s, ctx.decode, ctx.prompt_tokens)  # in-flight KV counts from dispatch
         await self.queues.acquire(ctx.plan.queue_worker, task)
         task.started_at = time.monotonic()
         ctx.queue_wait = task.started_at - now

@@ -34,8 +34,10 @@ from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.metrics import RouterMetrics
 from ampd_plugin.router.outliers import OutlierDetector
 from ampd_plugin.router.planning import RoundPlanner
+from ampd_plugin.router.recalibration import OnlineRefit
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.relay import race_disconnect
+from ampd_plugin.router.retention import RetentionReleaser
 from ampd_plugin.router.round_io import RoundIO
 from ampd_plugin.router.rounds import RoundRunner
 from ampd_plugin.router.sessions import PromptCounter, SessionStore
@@ -70,10 +72,10 @@ class Router:
                 w.kv_capacity_tokens = capacity
             self.cluster.add_worker(w)
             self.metrics.worker_up.labels(ep.worker_id, ep.kind).set(1)
-        self.engine_signals = EngineSignals(self.cluster, cfg.decode_kv_tokens)
         self.sessions = SessionStore(cfg.session_ttl_s)
         self.queues = PrefillQueues(self.cluster, self._order, self._slots, self._on_queue)
-        self.ledger = KVLedger(self.cluster, self.sessions)
+        self.ledger = KVLedger(self.cluster, self.sessions, cfg.residency_ttl_s)
+        self.engine_signals = EngineSignals(self.cluster, cfg.decode_kv_tokens, on_retention=self.ledger.learn_retention)
         self.health_state = WorkerHealth(self.eps, self.cluster, self.metrics, self.queues, self.ledger, self.sessions)
         self.outliers = OutlierDetector(list(self.eps), self.metrics, self._eject, failures=cfg.eject_after_failures,
                                         base_s=cfg.eject_base_s, max_s=cfg.eject_max_s)
@@ -84,6 +86,14 @@ class Router:
         self.model_card: dict | None = {"id": cfg.model, "object": "model"} if cfg.model else None
         # The round executor is chosen once, from the engine the workers run.
         executor = make_executor(cfg, self.io, model=lambda: (self.model_card or {}).get("id"))
+        self.refit: OnlineRefit | None = None
+        if cfg.refit_online or cfg.refit_out:
+            self.refit = OnlineRefit(cost_model, self.cluster, min_samples=cfg.refit_min_samples,
+                                     max_step=cfg.refit_max_step, interval_s=cfg.refit_interval_s, out_path=cfg.refit_out)
+            self.accounting.observers.append(self.refit.observe)
+        self.retention = RetentionReleaser(self.upstreams, self.metrics, lambda: (self.model_card or {}).get("id"))
+        if cfg.engine == "vllm" and cfg.kv_connector == "ampd":
+            self.accounting.release_retention = self.retention.release
         self.rounds = RoundRunner(cfg, self.cluster, self.sessions, self.queues, RoundPlanner(cfg, self.cluster, policy, self.metrics, self.outliers.suspect),
                                   executor, self.io, self.accounting, self.health_state, counter)
         self._bg: list[asyncio.Task] = []
@@ -146,12 +156,18 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._bg.clear()
+        await self.retention.close()
         await self.upstreams.close()
         self.rounds.close()
 
     async def _health_tick(self, result: dict[str, bool]) -> None:
         self.health_state.tick(result)
         await self._poll_engines()
+        if self.refit is not None:
+            try:
+                self.refit.maybe_refit()
+            except Exception:  # a failed refit keeps the current model; the router keeps serving
+                log.exception("online refit failed; the cost model is unchanged")
 
     async def _poll_engines(self) -> None:
         """Each live worker's own /metrics (running, waiting, KV usage and capacity, prefix hits)."""
@@ -176,6 +192,7 @@ class Router:
         m.bindings.labels("anonymous").set(anon)
         m.prompt_chars.set(sum(len(s.last_text) for s in self.sessions))
         m.ejected.set(self.outliers.ejected_count())
+        m.inflight.set(self.ledger.in_flight())
 
     def _eject(self, wid: str, why: str) -> None:
         """Outlier ejection: out of routing like a dead worker; the health check lets it back after the back-off."""

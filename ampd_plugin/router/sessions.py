@@ -30,6 +30,7 @@ SESSION_FIELD = "session_id"
 CONVERSATION_FIELD = "conversation_id"  # vLLM's multi-turn benchmark client and proxy send this
 SESSION_BODY_FIELDS = (SESSION_FIELD, CONVERSATION_FIELD)  # removed before the request reaches an engine
 MAX_SESSION_ID_LEN = 256
+_RESERVED_TEMPLATE_KWARGS = ("tokenize", "add_generation_prompt", "conversation", "messages", "tools", "return_dict")
 _RUN = uuid.uuid4().hex[:8]  # anonymous ids are unique per router process without a uuid per request
 _anonymous = itertools.count()
 
@@ -56,6 +57,7 @@ class Session:
     resident_worker: str | None = None  # the decode worker holding them
     last_text: str = ""  # rendered prompt of the last round (for incremental counting)
     last_text_tokens: int = 0
+    last_output: str = ""  # the last round's generated text: with `last_text`, what the decode worker holds
     last_seen: float = field(default_factory=time.monotonic)
     busy: bool = False  # a round is in flight (rounds of one session are serial)
 
@@ -155,6 +157,9 @@ class PromptCounter:
                 kwargs = {}
                 if body.get("tools"):
                     kwargs["tools"] = body["tools"]
+                extra = body.get("chat_template_kwargs")
+                if isinstance(extra, dict):  # the template's own switches, as the engine renders them
+                    kwargs.update({k: v for k, v in extra.items() if k not in _RESERVED_TEMPLATE_KWARGS})
                 return self.tokenizer.apply_chat_template(
                     messages, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True), **kwargs
                 )

@@ -85,6 +85,7 @@ class VLLMExecutor:
         stats = wire.response_stats(params)
         if stats.get("read_bytes"):
             io.metrics.kv_bytes.labels("history_read").inc(int(stats["read_bytes"]))
+        io.history_report(ctx, step.history.holder if step.history else None, stats)
         return params
 
     def generate_body(self, ctx: RoundCtx, step: prim.Step, previous: dict | None) -> dict:

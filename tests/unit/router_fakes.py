@@ -51,6 +51,8 @@ class FakeEngine:
     tail_delay: float = 0.0  # between `data: [DONE]` and the end of the stream (a client may leave first)
     healthy: bool = True
     fail_status: int | None = None
+    prefill_stats: dict = field(default_factory=dict)  # extra connector stats in prefill responses
+    metrics_page: str | None = None  # served on /metrics when set (else 404, as an engine without metrics)
     requests: list[dict] = field(default_factory=list)
     aborted: int = 0
     completed: int = 0
@@ -71,6 +73,7 @@ class FakeEngine:
         app.router.add_post("/v1/completions", self._complete)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/health", self._health)
+        app.router.add_get("/metrics", self._metrics)
         # handler_cancellation: a client that hangs up cancels its handler, as vLLM aborts the request.
         self._runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=1)
         await self._runner.setup()
@@ -95,6 +98,11 @@ class FakeEngine:
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [
             {"id": MODEL, "object": "model", "root": "/nonexistent/fake", "max_model_len": 2048}]})
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        if self.metrics_page is None:
+            return web.Response(status=404)
+        return web.Response(text=self.metrics_page, content_type="text/plain")
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.Response(status=200 if self.healthy else 503)
@@ -123,7 +131,7 @@ class FakeEngine:
             source = wire.SourceDescriptor(engine=self.name, te="127.0.0.1:7000", notify="tcp://127.0.0.1:7001",
                                            xfer=ampd["xfer"], blocks=(0, 1), tokens=16, block_size=16,
                                            block_bytes=64, bases=(4096,))
-            kv_out = wire.response_params(source=source, stats={"read_bytes": 128})
+            kv_out = wire.response_params(source=source, stats={"read_bytes": 128, **self.prefill_stats})
         if not body.get("stream"):
             await asyncio.sleep(self.first_token_delay + self.token_delay * n)
             self.completed += 1

@@ -6,7 +6,8 @@ it logs them ("KV Transfer metrics: ...") and `AMPDPromMetrics` exports them on 
 `vllm:ampd_kv_read_bytes_total`, `vllm:ampd_kv_read_blocks_total`, `vllm:ampd_kv_reads_total`,
 `vllm:ampd_kv_read_failures_total` and `vllm:ampd_kv_read_seconds` (histogram), plus the safety counters
 of `SAFETY_COUNTERS` as `vllm:ampd_<name>_total` (leases, refusals, recomputed exports; counted by the
-scheduler half and merged by vLLM with the workers' stats).
+scheduler half and merged by vLLM with the workers' stats), and the gauge `vllm:ampd_retention_ttl_seconds`
+(how long this engine pins a finished session round's blocks: the router's residency follows it).
 Per-request figures come back in each response's ``kv_transfer_params["ampd"]["stats"]``.
 """
 
@@ -105,6 +106,22 @@ class AMPDPromMetrics(KVConnectorPromMetrics):
                                 buckets=[0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0],
                                 labelnames=labelnames),
             per_engine_labelvalues)
+        self._publish_retention(vllm_config, labelnames, per_engine_labelvalues, create_metric_per_engine)
+
+    def _publish_retention(self, vllm_config, labelnames, per_engine_labelvalues, create_metric_per_engine) -> None:
+        from ampd_plugin.connector.vllm.config import AMPDConnectorConfig
+
+        extra = getattr(vllm_config.kv_transfer_config, "kv_connector_extra_config", None)
+        try:
+            ttl = AMPDConnectorConfig.from_extra_config(extra).retention_ttl_s
+        except ValueError:
+            return  # the connector itself refuses this configuration at start-up
+        gauge = create_metric_per_engine(self._gauge_cls(
+            name="vllm:ampd_retention_ttl_seconds", multiprocess_mode="mostrecent", labelnames=labelnames,
+            documentation="How long the ampd connector pins a finished session round's KV blocks (0: not pinned)."),
+            per_engine_labelvalues)
+        for g in gauge.values():
+            g.set(ttl)
 
     def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
         for name, metric in self._counters.items():

@@ -1,0 +1,48 @@
+"""How much of a new prompt the session's decode worker already holds: the longest common prefix.
+
+The decode worker holds the last round's prompt followed by what it generated. A new prompt usually
+extends exactly that, but some chat templates re-render earlier turns differently — e.g. they drop an
+earlier assistant turn's `<think>…</think>` reasoning — so the new prompt and the held tokens agree only
+up to some point. What the router may claim as the round's history (`l_hist`, the `history.tokens` the
+connector reads) is that common prefix: claiming more would make the holder recompute the rest for the
+export (the connector reports it as `history_recomputed_tokens`), claiming nothing wastes the cache.
+
+The comparison is on text (the router keeps the last rendered prompt and the generated text, not the
+engine's token ids) and is converted to tokens with the router's tokenizer, one token short of the seam
+(a token may merge across it). Token-id prompts and sessions without a remembered prompt are not limited.
+"""
+
+from __future__ import annotations
+
+from ampd_plugin.router.sessions import PromptCounter, Session
+
+MAX_OUTPUT_CHARS = 256 * 1024  # generated text kept per session for the comparison (beyond: not kept)
+
+
+def common_prefix_len(a: str, b: str) -> int:
+    """Length of the longest common prefix of `a` and `b` (binary search on C-level slice compares)."""
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo], a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+def reusable_tokens(s: Session, prompt: str | list[int], counter: PromptCounter) -> int | None:
+    """Tokens of `prompt` that the decode worker holding `s` may reuse; None = no limit (the prompt
+    extends all it holds, or nothing is known to compare with)."""
+    if not isinstance(prompt, str) or not s.last_text:
+        return None
+    held_prompt, held_out = s.last_text, s.last_output
+    if prompt.startswith(held_prompt) and prompt.startswith(held_out, len(held_prompt)):
+        return None
+    lcp = common_prefix_len(held_prompt + held_out, prompt)
+    if lcp >= len(held_prompt):  # the last prompt is kept, the generated text only in part
+        return max(0, s.last_text_tokens + counter.count_text(prompt[len(held_prompt):lcp]) - 1)
+    return max(0, counter.count_text(prompt[:lcp]) - 1) if lcp else 0
