@@ -34,7 +34,8 @@ def tp(tiny_model, engine_lock, cluster_secret):
     log_dir = Path(os.environ.get("AMPD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="ampd-tp-")) / "tp"
     specs = {"tp2a": {"tp": 2, "ampd": True}, "tp2b": {"tp": 2, "ampd": True}, "tp1": {"ampd": True},
              "plain": {}}
-    servers = start_engines(tiny_model, specs, log_dir)
+    # Generous read deadline: four engines share two cores, and so may other jobs (bounded all the same).
+    servers = start_engines(tiny_model, specs, log_dir, ampd_extra={"transfer_timeout_s": 15, "hold_ttl_s": 40})
     try:
         yield servers
     finally:

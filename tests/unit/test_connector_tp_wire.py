@@ -242,3 +242,22 @@ def test_worker_rank_reads_its_heads_from_the_right_holder_ranks(holder_tp, read
             assert re[0] == (1 << 20) + 3 * 2 * hb + hb and ln[0] == hb
     finally:
         w.shutdown()
+
+
+def test_transfer_engine_threads_start_unpinned():
+    """A worker pinned to one core starts Mooncake from a thread allowed on every core; it keeps its own pin."""
+    import os
+
+    from ampd_plugin.connector.transfer import start_unpinned
+
+    if not hasattr(os, "sched_setaffinity") or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs Linux affinity and two CPUs")
+    before = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(before)})
+        seen = start_unpinned(lambda: os.sched_getaffinity(0))
+        assert len(seen) > 1 and os.sched_getaffinity(0) == {min(before)}
+        with pytest.raises(KeyError):
+            start_unpinned(lambda: {}["missing"])
+    finally:
+        os.sched_setaffinity(0, before)

@@ -25,7 +25,7 @@ import time
 
 from ampd_plugin.connector import topology
 from ampd_plugin.connector.auth import ClusterAuth, load_secret
-from ampd_plugin.connector.transfer import TransferEngineWrapper
+from ampd_plugin.connector.transfer import TransferEngineWrapper, start_unpinned, widen_thread_affinity
 from ampd_plugin.connector.vllm.config import AMPDConnectorConfig
 from ampd_plugin.connector.vllm.metadata import AMPDConnectorMetadata, AMPDHandshake, LoadSpec, slice_descriptors
 from ampd_plugin.connector.vllm.sockets import PushSockets
@@ -54,9 +54,11 @@ class AMPDWorker:
         self.handshake: AMPDHandshake | None = None
         # Several read threads: one stuck peer (a read waits for Mooncake's own deadline, so late bytes can
         # never land in blocks vLLM has reused) must not hold up reads from healthy peers.
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ampd-read")
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="ampd-read",
+                                                           initializer=widen_thread_affinity)
         # One read per holder rank when the holder has more TP ranks than we do: these run in parallel.
-        self._fanout = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ampd-rank")
+        self._fanout = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="ampd-rank",
+                                                             initializer=widen_thread_affinity)
         self._inflight: dict[str, tuple[concurrent.futures.Future, LoadSpec]] = {}
         self._stats = AMPDKVConnectorStats()
         self._auth = ClusterAuth(load_secret())
@@ -87,7 +89,9 @@ class AMPDWorker:
         if any(h != me.local_heads for h in heads_dim) or (block_bytes or 0) % me.local_heads:
             raise RuntimeError(f"ampd connector: KV cache of TP rank {me.rank} is not [blocks, {me.local_heads} heads, "
                                f"tokens, K|V] per layer (shapes {[tuple(t.shape) for t in kv_caches.values()][:2]})")
-        self.te = TransferEngineWrapper(self.host, self.cfg.protocol, self.cfg.device, self.cfg.transfer_timeout_s)
+        # Mooncake's threads must not share the single core vLLM-CPU pins this worker's compute to.
+        self.te = start_unpinned(lambda: TransferEngineWrapper(self.host, self.cfg.protocol, self.cfg.device,
+                                                               self.cfg.transfer_timeout_s))
         self.te.register(_merge_regions(regions))
         self.handshake = AMPDHandshake(te_session=self.te.session, bases=tuple(bases), block_bytes=block_bytes or 0,
                                        num_blocks=self.num_blocks, tp_rank=me.rank, tp_size=me.tp,
