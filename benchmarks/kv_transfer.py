@@ -21,6 +21,7 @@ Run (starts P on core 0 and D on core 1 inside a fresh loopback-only network nam
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import json
 import statistics
@@ -148,6 +149,7 @@ def main(argv=None) -> int:
     p_tps, d_tps = _tps(args.prefill_tp), _tps(args.decode_tp)
     spec = PRESETS[args.preset]
     servers: list[lc.VllmServer] = []
+    held = contextlib.ExitStack()
     try:
         if args.attach:
             urls = json.load(open(args.attach))
@@ -157,7 +159,10 @@ def main(argv=None) -> int:
             model = build_tiny_model(args.preset)
             max_len = max(histories) + max(increments) + 64
             log_dir = tempfile.mkdtemp(prefix="ampd-bench-")
-            common = dict(log_dir=log_dir, max_model_len=max_len, kv_cache_gib=2, dev_mode=True)
+            # TP 2 allocates the KV space per rank: keep four engines within the test box's memory
+            kv_gib = 1 if max(p_tps + d_tps) > 1 else 2
+            common = dict(log_dir=log_dir, max_model_len=max_len, kv_cache_gib=kv_gib, dev_mode=True)
+            held.enter_context(lc.engine_lock(on_wait=lambda: print("waiting for the engine lock …", flush=True)))
             p_srv = {tp: _start(model, f"prefill-tp{tp}", tp, 0, common) for tp in p_tps}
             d_srv = {tp: _start(model, f"decode-tp{tp}", tp, 1, common) for tp in d_tps}
             servers = [*p_srv.values(), *d_srv.values()]
@@ -176,6 +181,7 @@ def main(argv=None) -> int:
                         print(json.dumps(row), flush=True)
     finally:
         lc.stop_all(servers)
+        held.close()
 
     print(f"\nmodel preset {args.preset}: {spec.kv_bytes_per_token()} B of KV per token; P and D one core each "
           "(TP 2: one rank per core, sharing both cores with the other engine)\n")
