@@ -222,3 +222,9 @@ def start_engines(model: Path, specs: dict[str, dict], log_dir: Path, *, ampd_ex
     except BaseException:
         lc.stop_all(servers.values())
         raise
+
+
+@pytest.fixture(scope="session")
+def engine_starter():
+    """`start_engines`, for test modules that start their own engines (a fixture, so no module imports conftest)."""
+    return start_engines

@@ -18,8 +18,7 @@ from ampd_plugin import localcluster as lc
 from ampd_plugin.connector import params as W
 from ampd_plugin.tiny_model import PRESETS
 
-from conftest import start_engines  # noqa: E402 - tests/integration is on sys.path (pytest rootdir mode)
-from test_router_real import RouterProc, converse  # noqa: E402
+from test_router_real import RouterProc, converse  # noqa: E402 - tests/integration is on sys.path (rootdir mode)
 
 pytestmark = pytest.mark.integration
 
@@ -29,13 +28,13 @@ KV_BYTES_PER_TOKEN = PRESETS["tiny"].kv_bytes_per_token(dtype_bytes=4)
 
 
 @pytest.fixture(scope="module")
-def tp(tiny_model, engine_lock, cluster_secret):
+def tp(tiny_model, engine_lock, cluster_secret, engine_starter):
     lc.require_isolated_netns("the TP integration engines (ampd connector / Mooncake)")
     log_dir = Path(os.environ.get("AMPD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="ampd-tp-")) / "tp"
     specs = {"tp2a": {"tp": 2, "ampd": True}, "tp2b": {"tp": 2, "ampd": True}, "tp1": {"ampd": True},
              "plain": {}}
     # Generous read deadline: four engines share two cores, and so may other jobs (bounded all the same).
-    servers = start_engines(tiny_model, specs, log_dir, ampd_extra={"transfer_timeout_s": 15, "hold_ttl_s": 40})
+    servers = engine_starter(tiny_model, specs, log_dir, ampd_extra={"transfer_timeout_s": 15, "hold_ttl_s": 40})
     try:
         yield servers
     finally:
