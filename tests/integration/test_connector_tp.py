@@ -33,8 +33,10 @@ def tp(tiny_model, engine_lock, cluster_secret, engine_starter):
     log_dir = Path(os.environ.get("AMPD_TEST_LOG_DIR") or tempfile.mkdtemp(prefix="ampd-tp-")) / "tp"
     specs = {"tp2a": {"tp": 2, "ampd": True}, "tp2b": {"tp": 2, "ampd": True}, "tp1": {"ampd": True},
              "plain": {}}
-    # Generous read deadline: four engines share two cores, and so may other jobs (bounded all the same).
-    servers = engine_starter(tiny_model, specs, log_dir, ampd_extra={"transfer_timeout_s": 15, "hold_ttl_s": 40})
+    # Generous deadlines: four engines share two cores, and so may other jobs (a history export recomputing a
+    # few hundred tokens took >5 s on a loaded run); bounded all the same.
+    servers = engine_starter(tiny_model, specs, log_dir, ampd_extra={
+        "transfer_timeout_s": 15, "hold_ttl_s": 40, "http_timeout_s": 40, "max_history_wait_s": 90})
     try:
         yield servers
     finally:
