@@ -59,7 +59,7 @@ class TinyModelSpec:
         return self.hidden_size // self.num_heads
 
     def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
-        """K and V for every layer and KV head (bf16 by default)."""
+        """K and V for every layer and KV head (bf16 by default; 4 for float32, as TP tests serve it)."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
 
     def key(self) -> str:
@@ -73,6 +73,8 @@ PRESETS = {
     # For the 8k-context transfer benchmark: 4 layers x 8 KV heads x 32 → 4 KiB of KV per token.
     "bench": TinyModelSpec(hidden_size=256, num_layers=4, num_heads=8, num_kv_heads=8, intermediate_size=512,
                            max_position_embeddings=10240),
+    # One KV head (MQA): with tensor parallelism every rank holds a replica of it (replicated-KV transfers).
+    "mqa": TinyModelSpec(num_kv_heads=1),
 }
 
 
@@ -157,7 +159,8 @@ def build_tiny_model(spec: TinyModelSpec | str = "tiny", cache_dir: Path | str |
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None,
               help="Copy the model here (default: print the cache directory it was built in).")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), default="tiny", show_default=True,
-              help="tiny: fast test model; bench: 4 KiB KV/token, 10k context, for transfer benchmarks.")
+              help="tiny: fast test model; bench: 4 KiB KV/token, 10k context, for transfer benchmarks; "
+                   "mqa: tiny with one KV head (replicated KV under tensor parallelism).")
 @click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
               help="Where built models are cached (default $AMPD_CACHE_DIR/tiny-models or ~/.cache/ampd-plugin).")
 def build_tiny_model_cmd(out: str | None, preset: str, cache_dir: str | None) -> None:

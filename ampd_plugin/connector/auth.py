@@ -36,6 +36,8 @@ MIN_SECRET_BYTES = 16
 NOTICE_TTL_S = 30.0
 """A notice is valid this long after it was made (and is remembered that long to refuse its replay)."""
 EXPORT_TOKEN_TTL_S = 120.0
+MAX_NOTICE_RANKS = 256
+"""A reader has at most this many tensor-parallel ranks (bounds what a holder tracks per transfer)."""
 REPLAY_CAPACITY = 65536
 """Nonces remembered at most; when full of unexpired nonces, new notices are refused (fail closed)."""
 
@@ -128,23 +130,35 @@ class ClusterAuth:
         self._check_fresh(f"export:{xfer}", float(token["exp"]), EXPORT_TOKEN_TTL_S)
 
     # ----------------------------------------------------------------------------------- notices
-    def notice(self, kind: str, xfer: str) -> bytes:
-        """A "done"/"renew" notice for the holder of ``xfer``; signed and single-use with a secret."""
+    def notice(self, kind: str, xfer: str, rank: int = 0, of: int = 1) -> bytes:
+        """A "done"/"renew" notice for the holder of ``xfer``; signed and single-use with a secret. A reader
+        with tensor parallelism sends one "done" per rank (``rank`` of ``of``): the holder unpins after all."""
         body = {"k": kind, "xfer": xfer, "n": secrets.token_hex(12), "exp": round(self._clock() + NOTICE_TTL_S, 3)}
+        if of != 1 or rank != 0:
+            body.update(r=rank, of=of)
         if self.enabled:
             body["mac"] = self._mac("notice", _canonical(body))
         return json.dumps(body).encode()
 
     def check_notice(self, raw: bytes) -> tuple[str, str]:
         """(kind, xfer) of a notice, or `AuthError` (malformed, unsigned, forged, expired or replayed)."""
+        kind, xfer, _, _ = self.read_notice(raw)
+        return kind, xfer
+
+    def read_notice(self, raw: bytes) -> tuple[str, str, int, int]:
+        """(kind, xfer, rank, of) of a notice, or `AuthError` (as `check_notice`)."""
         try:
             body = json.loads(raw)
             kind, xfer, nonce, exp = body["k"], body["xfer"], body["n"], body["exp"]
-        except (ValueError, KeyError, TypeError):
+            rank, of = body.get("r", 0), body.get("of", 1)
+        except (ValueError, KeyError, TypeError, AttributeError):
             raise AuthError("malformed notice") from None
         if kind not in ("done", "renew") or not isinstance(xfer, str) or not isinstance(nonce, str) \
                 or not isinstance(exp, (int, float)):
             raise AuthError("malformed notice")
+        if isinstance(rank, bool) or isinstance(of, bool) or not isinstance(rank, int) or not isinstance(of, int) \
+                or not 0 <= rank < of <= MAX_NOTICE_RANKS:
+            raise AuthError("malformed notice (rank)")
         if self.enabled:
             mac = body.pop("mac", None)
             if not isinstance(mac, str):
@@ -152,7 +166,7 @@ class ClusterAuth:
             if not hmac.compare_digest(mac, self._mac("notice", _canonical(body))):
                 raise AuthError("notice with an invalid signature refused")
         self._check_fresh(nonce, float(exp), NOTICE_TTL_S)
-        return kind, xfer
+        return kind, xfer, rank, of
 
     def _check_fresh(self, nonce: str, exp: float, ttl_s: float) -> None:
         now = self._clock()

@@ -132,6 +132,11 @@ class SourceDescriptor:
     ``blocks[i]`` holds token positions ``[i*block_size, (i+1)*block_size)``; KV is valid for the first
     ``tokens`` positions. Addresses: for layer ``l`` and block ``b`` the bytes are
     ``bases[l] + b*block_bytes`` ... ``+block_bytes`` in the holder's registered memory.
+
+    Tensor parallelism: ``te``/``bases`` are the holder's rank 0; ``ranks`` lists ranks 1..``tp``-1 the same
+    way (each rank registers its own KV memory). ``kv_heads`` (the model's KV heads) and ``head_bytes`` (one
+    head of one block in one layer; a rank's ``block_bytes`` is its local heads times that) let a reader with
+    a different TP read per-head slices (`topology.py`). Without them only a same-TP, whole-block read works.
     """
 
     engine: str          # holder's vLLM engine id (for logs and stats)
@@ -146,7 +151,19 @@ class SourceDescriptor:
     fingerprint: str | None = None  # prompt_fingerprint() of the first `tokens` token ids (optional)
     expires: float | None = None    # holder's wall clock (epoch s) when its lease on `blocks` lapses unless renewed
     lease_s: float | None = None    # how far one "renew" notice extends the lease
+    tp: int | None = None           # holder's tensor-parallel size (None: 1)
+    kv_heads: int | None = None     # the model's KV heads (all ranks together)
+    head_bytes: int | None = None   # bytes of one KV head of one block in one layer
+    ranks: tuple[tuple[str, tuple[int, ...]], ...] = ()  # (te, bases) of holder ranks 1..tp-1
     sig: str | None = None          # HMAC of the other fields with the cluster secret (auth.py)
+
+    @property
+    def tp_size(self) -> int:
+        return self.tp or 1
+
+    def rank_memory(self, rank: int) -> tuple[str, tuple[int, ...]]:
+        """(Mooncake session, per-layer bases) of holder rank ``rank``."""
+        return (self.te, self.bases) if rank == 0 else self.ranks[rank - 1]
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -155,13 +172,18 @@ class SourceDescriptor:
                 del d[name]
         d["blocks"] = list(self.blocks)
         d["bases"] = list(self.bases)
+        if self.ranks:
+            d["ranks"] = [{"te": te, "bases": list(bases)} for te, bases in self.ranks]
+        else:
+            del d["ranks"]
         return d
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "source") -> "SourceDescriptor":
         if not isinstance(d, Mapping):
             raise ParamsError(f"{where} must be an object, got {type(d).__name__}")
-        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in _OPTIONAL_SOURCE_FIELDS]
+        missing = [f.name for f in dataclasses.fields(cls) if f.name not in d and f.name not in _OPTIONAL_SOURCE_FIELDS
+                   and f.name != "ranks"]
         if missing:
             raise ParamsError(f"{where} lacks {', '.join(missing)}")
         for name in ("engine", "te", "notify", "xfer"):
@@ -187,15 +209,49 @@ class SourceDescriptor:
         if sig is not None and not isinstance(sig, str):
             raise ParamsError(f"{where}.sig must be a string")
         expires, lease_s = (_opt_number(d.get(k), f"{where}.{k}") for k in ("expires", "lease_s"))
+        tp, kv_heads, head_bytes, ranks = _tp_layout(d, len(bases), block_bytes, where)
         unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ParamsError(f"{where}: unknown field(s) {sorted(unknown)}")
         return cls(engine=d["engine"], te=d["te"], notify=d["notify"], xfer=d["xfer"], blocks=tuple(blocks),
                    tokens=tokens, block_size=block_size, block_bytes=block_bytes, bases=tuple(bases),
-                   fingerprint=fingerprint, expires=expires, lease_s=lease_s, sig=sig)
+                   fingerprint=fingerprint, expires=expires, lease_s=lease_s, tp=tp, kv_heads=kv_heads,
+                   head_bytes=head_bytes, ranks=ranks, sig=sig)
 
 
-_OPTIONAL_SOURCE_FIELDS = ("fingerprint", "expires", "lease_s", "sig")
+_OPTIONAL_SOURCE_FIELDS = ("fingerprint", "expires", "lease_s", "tp", "kv_heads", "head_bytes", "sig")
+MAX_TP = 256
+"""Largest holder TP a descriptor may name (bounds what a reader plans)."""
+
+
+def _tp_layout(d: Mapping[str, Any], layers: int, block_bytes: int, where: str):
+    """(tp, kv_heads, head_bytes, ranks) of a descriptor, checked against each other."""
+    tp = d.get("tp")
+    if tp is not None and (_nonneg_int(tp, f"{where}.tp") < 1 or tp > MAX_TP):
+        raise ParamsError(f"{where}.tp must be in 1..{MAX_TP}, got {tp}")
+    kv_heads = d.get("kv_heads")
+    head_bytes = d.get("head_bytes")
+    if (kv_heads is None) != (head_bytes is None):
+        raise ParamsError(f"{where}: kv_heads and head_bytes go together")
+    if kv_heads is not None:
+        if _nonneg_int(kv_heads, f"{where}.kv_heads") < 1 or _nonneg_int(head_bytes, f"{where}.head_bytes") < 1:
+            raise ParamsError(f"{where}: kv_heads and head_bytes must be positive")
+        local = max(1, kv_heads // (tp or 1))
+        if local * head_bytes != block_bytes:
+            raise ParamsError(f"{where}: block_bytes {block_bytes} is not {local} local heads x {head_bytes} B")
+    raw = d.get("ranks") or []
+    if not isinstance(raw, (list, tuple)) or len(raw) != (tp or 1) - 1:
+        raise ParamsError(f"{where}.ranks must list the holder's ranks 1..tp-1 ({(tp or 1) - 1} entries)")
+    ranks = []
+    for i, r in enumerate(raw, 1):
+        if not isinstance(r, Mapping) or set(r) != {"te", "bases"} or not isinstance(r["te"], str):
+            raise ParamsError(f"{where}.ranks[{i - 1}] must be {{'te': 'host:port', 'bases': [...]}}")
+        _check_host_port(r["te"], f"{where}.ranks[{i - 1}].te")
+        bases = _int_list(r["bases"], f"{where}.ranks[{i - 1}].bases")
+        if len(bases) != layers:
+            raise ParamsError(f"{where}.ranks[{i - 1}] has {len(bases)} layers, rank 0 has {layers}")
+        ranks.append((r["te"], tuple(bases)))
+    return tp, kv_heads, head_bytes, tuple(ranks)
 
 
 def prompt_fingerprint(token_ids) -> str:

@@ -51,6 +51,42 @@ def import_transfer_engine():
     return TransferEngine
 
 
+def widen_thread_affinity() -> None:
+    """Let the calling thread (and the threads it starts) run on every CPU of this host.
+
+    vLLM's CPU backend pins each worker process to its OMP core(s); Mooncake's handshake and TCP threads
+    started from there would inherit that single core and queue behind the model's compute (and everything
+    else sharing it), so one read of many head slices waits for dozens of wake-ups. Best effort."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        os.sched_setaffinity(0, range(os.cpu_count() or 1))
+    except OSError:  # pragma: no cover - a cpuset that forbids it: keep the inherited mask
+        log.debug("could not widen the thread's CPU affinity", exc_info=True)
+
+
+def start_unpinned(factory):
+    """Run ``factory()`` on a fresh thread with `widen_thread_affinity` and return its result (or raise):
+    threads it creates (Mooncake's) inherit the wide mask, while the caller keeps its own pinning."""
+    out: dict = {}
+
+    def run():
+        widen_thread_affinity()
+        try:
+            out["value"] = factory()
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            out["error"] = exc
+
+    import threading
+
+    t = threading.Thread(target=run, name="ampd-te-init")
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 def coalesce(local: Sequence[int], remote: Sequence[int], length: int) -> list[tuple[int, int, int]]:
     """Merge equal-length (local, remote) address pairs that are contiguous on both sides into
     ``(local, remote, length)`` runs — fewer, larger transfer descriptors."""

@@ -193,3 +193,38 @@ def tokens():
         return [rng.randrange(10, 4000) for _ in range(n)]
 
     return make
+
+
+# ------------------------------------------------------------------------------ tensor parallelism
+TP_DTYPE = "float32"
+"""TP tests serve float32: a TP-2 engine sums partial products in another order than a TP-1 engine, which in
+bf16 changes greedy tokens; in float32 the difference stays far below the tiny model's logit gaps."""
+
+
+def start_engines(model: Path, specs: dict[str, dict], log_dir: Path, *, ampd_extra: dict | None = None,
+                  timeout_s: float = 600) -> dict[str, lc.VllmServer]:
+    """Start named engines ``{name: {"tp": 1|2, "ampd": bool}}`` with the given model in float32, wait until
+    all are healthy and return them (stopped by the caller with `lc.stop_all`). Every ampd engine lists every
+    other one in its ``peers``. A TP-2 engine binds one OMP thread per rank to cores 0 and 1."""
+    ports = dict(zip(specs, lc.free_ports(len(specs))))
+    extra = {**TEST_EXTRA_CONFIG, **(ampd_extra or {}),
+             "peers": [f"http://127.0.0.1:{ports[n]}" for n, s in specs.items() if s.get("ampd")]}
+    servers: dict[str, lc.VllmServer] = {}
+    try:
+        for i, (name, spec) in enumerate(specs.items()):
+            tp = spec.get("tp", 1)
+            servers[name] = lc.start_vllm(
+                model, name=name, port=ports[name], cpu="0|1" if tp == 2 else i % 2,
+                ampd=extra if spec.get("ampd") else False, log_dir=log_dir, max_model_len=4096, kv_cache_gib=1,
+                dev_mode=True, dtype=TP_DTYPE, extra_args=["--tensor-parallel-size", str(tp)] if tp > 1 else [])
+        lc.wait_healthy(servers.values(), timeout_s=timeout_s)
+        return servers
+    except BaseException:
+        lc.stop_all(servers.values())
+        raise
+
+
+@pytest.fixture(scope="session")
+def engine_starter():
+    """`start_engines`, for test modules that start their own engines (a fixture, so no module imports conftest)."""
+    return start_engines

@@ -285,7 +285,9 @@ def test_ten_thousand_rounds_with_injected_failures_leave_nothing_behind(monkeyp
     bs, n_blocks = 16, 512
     cfg = AMPDConnectorConfig.from_extra_config({"hold_ttl_s": 30, "retention_ttl_s": 60, "transfer_timeout_s": 1})
     vcfg = types.SimpleNamespace(cache_config=types.SimpleNamespace(block_size=bs),
-                                 model_config=types.SimpleNamespace(served_model_name=["m"], model="m"))
+                                 parallel_config=types.SimpleNamespace(tensor_parallel_size=1),
+                                 model_config=types.SimpleNamespace(served_model_name=["m"], model="m",
+                                                                    get_total_num_kv_heads=lambda: 2))
     sched = AMPDScheduler(vcfg, cfg, "engine-unit", "127.0.0.1")
     pool = FakePool(n_blocks)
     clock = Clock(0.0)
@@ -294,8 +296,8 @@ def test_ten_thousand_rounds_with_injected_failures_leave_nothing_behind(monkeyp
     worker = AMPDWorker(cfg, "127.0.0.1", n_blocks)
     worker.te = FakeTE(rng)
     worker.handshake = AMPDHandshake(te_session=FakeTE.session, bases=(1 << 20, 1 << 24), block_bytes=64,
-                                     num_blocks=n_blocks)
-    sched.set_worker_info(worker.handshake)
+                                     num_blocks=n_blocks, kv_heads=2, head_bytes=32)
+    sched.set_worker_info({0: worker.handshake})
     stranger, peer_auth = PushSockets(), ClusterAuth(SECRET)
     outcomes = {"read": 0, "failed": 0, "refused": 0, "aborted": 0, "expired": 0, "notices_refused": 0}
 

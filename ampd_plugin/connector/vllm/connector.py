@@ -59,6 +59,25 @@ def check_vllm_version(version: str | None = None) -> None:
             "AMPD_SKIP_VLLM_VERSION_CHECK=1 at your own risk.")
 
 
+def check_engine_layout(vllm_config, kv_cache_config) -> None:
+    """Refuse at start-up what the connector cannot transfer (PP, context parallelism, hybrid/SSM models)."""
+    from ampd_plugin.connector.topology import TopologyError, check_engine
+
+    pc = vllm_config.parallel_config
+    groups = list(getattr(kv_cache_config, "kv_cache_groups", None) or [])
+    attention_only = True
+    if groups:
+        from vllm.v1.kv_cache_interface import FullAttentionSpec
+
+        attention_only = all(isinstance(g.kv_cache_spec, FullAttentionSpec) for g in groups)
+    try:
+        check_engine(pp=pc.pipeline_parallel_size, pcp=getattr(pc, "prefill_context_parallel_size", 1),
+                     dcp=getattr(pc, "decode_context_parallel_size", 1), kv_groups=max(1, len(groups)),
+                     attention_only=attention_only)
+    except TopologyError as exc:
+        raise RuntimeError(str(exc)) from None
+
+
 class AMPDConnector(KVConnectorBase_V1):
     _cache_hit_source = CacheHitSource.P2P
 
@@ -68,10 +87,10 @@ class AMPDConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         from vllm.utils.network_utils import get_ip
 
-        if vllm_config.parallel_config.tensor_parallel_size != 1 or vllm_config.parallel_config.pipeline_parallel_size != 1:
-            raise RuntimeError("the ampd connector supports tensor/pipeline parallel size 1 only (for now)")
+        check_engine_layout(vllm_config, kv_cache_config)
         ktc = vllm_config.kv_transfer_config
         self.cfg = AMPDConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
+        self.tp_size = vllm_config.parallel_config.tensor_parallel_size
         host = get_ip()
         self._scheduler = self._worker = None
         if role == KVConnectorRole.SCHEDULER:
@@ -79,9 +98,15 @@ class AMPDConnector(KVConnectorBase_V1):
 
             self._scheduler = AMPDScheduler(vllm_config, self.cfg, ktc.engine_id, host)
         else:
-            from ampd_plugin.connector.vllm.worker import AMPDWorker
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            self._worker = AMPDWorker(self.cfg, host, kv_cache_config.num_blocks)
+            from ampd_plugin.connector.vllm.worker import AMPDWorker, RankLayout
+
+            mc = vllm_config.model_config
+            layout = RankLayout(rank=get_tensor_model_parallel_rank(), tp=self.tp_size,
+                                kv_heads=mc.get_total_num_kv_heads(),
+                                local_heads=mc.get_num_kv_heads(vllm_config.parallel_config))
+            self._worker = AMPDWorker(self.cfg, host, kv_cache_config.num_blocks, layout)
 
     @property
     def requires_kv_delivery(self) -> bool:
@@ -133,9 +158,13 @@ class AMPDConnector(KVConnectorBase_V1):
         self._scheduler.bind_block_pool(kv_cache_manager.block_pool)
 
     def set_xfer_handshake_metadata(self, metadata: dict) -> None:
-        info = metadata.get(0)
-        if isinstance(info, AMPDHandshake):
-            self._scheduler.set_worker_info(info)
+        ranks = {r: m for r, m in metadata.items() if isinstance(m, AMPDHandshake)}
+        if ranks:
+            self._scheduler.set_worker_info(ranks)
+
+    def get_finished_count(self) -> int | None:
+        # Every TP rank reads its own heads and reports each load once: a load is finished when all have.
+        return self.tp_size
 
     def on_new_request(self, request: "Request") -> None:
         self._scheduler.on_new_request(request)

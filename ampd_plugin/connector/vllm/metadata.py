@@ -1,7 +1,7 @@
 """Messages between the halves of the `ampd` connector, and the block arithmetic they rely on.
 
 Scheduler → worker: `AMPDConnectorMetadata` (loads to start this step). Worker → scheduler at start-up:
-`AMPDHandshake` (where this worker's KV memory is and its Mooncake session). The helpers below are pure
+`AMPDHandshake` (where this worker rank's KV memory is and its Mooncake session; one per TP rank). The helpers below are pure
 so unit tests cover them without an engine.
 """
 
@@ -21,10 +21,14 @@ from ampd_plugin.connector.params import SourceDescriptor
 class AMPDHandshake(KVConnectorHandshakeMetadata):
     """What a worker tells its scheduler once its KV cache is registered."""
 
-    te_session: str               # Mooncake "host:rpc_port"
+    te_session: str               # Mooncake "host:rpc_port" of this rank's own transfer engine
     bases: tuple[int, ...]        # per-layer base address, layer order
-    block_bytes: int              # bytes of one block in one layer
+    block_bytes: int              # bytes of one block in one layer (this rank's heads)
     num_blocks: int
+    tp_rank: int = 0
+    tp_size: int = 1
+    kv_heads: int = 0             # the model's KV heads (all ranks); 0 = unknown
+    head_bytes: int = 0           # bytes of one KV head of one block in one layer
 
 
 @dataclasses.dataclass
@@ -91,4 +95,32 @@ def read_descriptors(local_blocks: list[int], remote_blocks: list[int], local_ba
             lo_all.append(lo)
             re_all.append(re)
             ln_all.append(n)
+    return lo_all, re_all, ln_all
+
+
+def slice_descriptors(local_blocks: list[int], remote_blocks: list[int], local_bases: tuple[int, ...],
+                      remote_bases: tuple[int, ...], local_block_bytes: int, remote_block_bytes: int,
+                      head_bytes: int, slices) -> tuple[list[int], list[int], list[int]]:
+    """(local addrs, remote addrs, lengths) copying head ``slices`` (`topology.HeadSlice`, all of one holder
+    rank) of every layer and block; runs contiguous on both sides are merged (a same-TP read of whole blocks
+    collapses to what `read_descriptors` gives)."""
+    if len(local_bases) != len(remote_bases):
+        raise ValueError(f"layer count differs: local {len(local_bases)} vs remote {len(remote_bases)}")
+    if len(local_blocks) != len(remote_blocks):
+        raise ValueError("local and remote block lists differ in length")
+    lo_all: list[int] = []
+    re_all: list[int] = []
+    ln_all: list[int] = []
+    for lb, rb in zip(local_bases, remote_bases):
+        for lblk, rblk in zip(local_blocks, remote_blocks):
+            for s in slices:
+                lo = lb + lblk * local_block_bytes + s.reader_head * head_bytes
+                re = rb + rblk * remote_block_bytes + s.holder_head * head_bytes
+                n = s.count * head_bytes
+                if ln_all and lo_all[-1] + ln_all[-1] == lo and re_all[-1] + ln_all[-1] == re:
+                    ln_all[-1] += n
+                else:
+                    lo_all.append(lo)
+                    re_all.append(re)
+                    ln_all.append(n)
     return lo_all, re_all, ln_all

@@ -32,6 +32,7 @@ import urllib.request
 from typing import TYPE_CHECKING, Any
 
 from ampd_plugin.connector import params as wire
+from ampd_plugin.connector import topology
 from ampd_plugin.connector.auth import AuthError, ClusterAuth, PeerAllowList, load_secret
 from ampd_plugin.connector.vllm.config import AMPDConnectorConfig
 from ampd_plugin.connector.vllm.holds import RETAIN, SOURCE, HoldTable
@@ -75,6 +76,8 @@ class AMPDScheduler:
         self.cfg = cfg
         self.engine_id = engine_id
         self.block_size = vllm_config.cache_config.block_size
+        self.tp = vllm_config.parallel_config.tensor_parallel_size
+        self.kv_heads = vllm_config.model_config.get_total_num_kv_heads()
         name = vllm_config.model_config.served_model_name
         self.model_name = name[0] if isinstance(name, (list, tuple)) else (name or vllm_config.model_config.model)
         self._zmq = zmq.Context.instance()
@@ -87,7 +90,9 @@ class AMPDScheduler:
             port = self._notify_sock.bind_to_random_port(f"tcp://{host}")
         self.notify_addr = f"tcp://{host}:{port}"
         self._block_pool = None
-        self._worker: AMPDHandshake | None = None
+        self._worker: AMPDHandshake | None = None   # rank 0 (layer count, block bytes: equal on all ranks)
+        self._ranks: list[AMPDHandshake] = []
+        self._done_ranks: dict[str, set[int]] = {}  # xfer -> reader ranks that reported "done" (held xfers only)
         self._holds = HoldTable(self._pin, self._unpin)
         self._reqs: dict[str, _ReqState] = {}
         self._pending: list[LoadSpec] = []
@@ -173,16 +178,27 @@ class AMPDScheduler:
         return {"requests": len(self._reqs), "pending_loads": len(self._pending),
                 "source_holds": self._holds.count(SOURCE), "retain_holds": self._holds.count(RETAIN),
                 "leases": len(self._leases), "renew_sockets": len(self._renew_socks),
+                "done_ranks": len(self._done_ranks),
                 "nonces": self._auth.replay_entries()}
 
     # ------------------------------------------------------------------------------------ wiring
     def bind_block_pool(self, block_pool) -> None:
         self._block_pool = block_pool
 
-    def set_worker_info(self, info: AMPDHandshake) -> None:
-        self._worker = info
-        log.info("ampd connector: worker transfer engine %s, %d layers, %d B/block", info.te_session,
-                 len(info.bases), info.block_bytes)
+    def set_worker_info(self, ranks: dict[int, AMPDHandshake]) -> None:
+        """Every TP rank's handshake (rank -> metadata); without all of them nothing is exported or read."""
+        if sorted(ranks) != list(range(self.tp)):
+            log.error("ampd connector: handshakes from TP ranks %s, expected 0..%d: transfers disabled",
+                      sorted(ranks), self.tp - 1)
+            return
+        ordered = [ranks[r] for r in range(self.tp)]
+        first = ordered[0]
+        if any(len(h.bases) != len(first.bases) or h.block_bytes != first.block_bytes for h in ordered):
+            log.error("ampd connector: TP ranks report different KV layouts: transfers disabled")
+            return
+        self._ranks, self._worker = ordered, first
+        log.info("ampd connector: %d TP rank(s), transfer engines %s, %d layers, %d B/block (%d KV heads)",
+                 self.tp, [h.te_session for h in ordered], len(first.bases), first.block_bytes, self.kv_heads)
 
     def _pin(self, blocks) -> None:
         self._block_pool.touch(blocks)
@@ -282,9 +298,25 @@ class AMPDScheduler:
             return "this worker has not registered its KV cache yet"
         if src.block_size != self.block_size:
             return f"block size differs: source {src.block_size}, here {self.block_size}"
-        if src.block_bytes != self._worker.block_bytes or len(src.bases) != len(self._worker.bases):
-            return (f"KV layout differs from the source ({len(src.bases)} layers x {src.block_bytes} B/block vs "
-                    f"{len(self._worker.bases)} x {self._worker.block_bytes}): different model or dtype?")
+        me = self._worker
+        if len(src.bases) != len(me.bases):
+            return (f"KV layout differs from the source ({len(src.bases)} layers vs {len(me.bases)} here): "
+                    "different model?")
+        if src.kv_heads is None or (src.tp_size == self.tp and src.kv_heads == self.kv_heads):
+            if src.tp_size != self.tp:
+                return (f"the source (TP {src.tp_size}) describes no KV-head layout, so only an engine with the "
+                        f"same TP can read it (this one has TP {self.tp}): computed locally")
+            if src.block_bytes != me.block_bytes:
+                return (f"KV layout differs from the source ({len(src.bases)} layers x {src.block_bytes} B/block vs "
+                        f"{len(me.bases)} x {me.block_bytes}): different model or dtype?")
+            return None
+        try:
+            topology.check_mappable(src.tp_size, self.tp, src.kv_heads, self.kv_heads)
+        except topology.TopologyError as exc:
+            return f"cannot map the source's TP {src.tp_size} onto this engine's TP {self.tp}: {exc}; computed locally"
+        if src.head_bytes != me.head_bytes:
+            return (f"KV head size differs from the source ({src.head_bytes} vs {me.head_bytes} B per head and block): "
+                    "different dtype or head size? computed locally")
         return None
 
     def update_state_after_alloc(self, request: "Request", blocks, num_external_tokens: int) -> None:
@@ -305,8 +337,10 @@ class AMPDScheduler:
             spec.remote_blocks = [src.blocks[i] for i in span]
         st.loading_since = time.monotonic()
         layers = len(self._worker.bases) if self._worker else 0
+        per_rank = len(spec.local_blocks) * layers * (self._worker.block_bytes if self._worker else 0)
         st.stats.update(external_tokens=num_external_tokens, read_blocks=len(spec.local_blocks),
-                        read_bytes=len(spec.local_blocks) * layers * src.block_bytes, read_from=src.engine)
+                        read_bytes=per_rank * self.tp, read_bytes_per_rank=per_rank, read_ranks=self.tp,
+                        source_tp=src.tp_size, read_from=src.engine)
         self._pending.append(spec)
 
     def _export(self, url: str, token_ids: list[int], xfer: str, req_id: str) -> tuple[wire.SourceDescriptor, dict]:
@@ -331,6 +365,8 @@ class AMPDScheduler:
     def build_connector_meta(self, scheduler_output) -> AMPDConnectorMetadata:
         self._drain_notices()
         self._holds.release_expired()
+        if self._done_ranks:
+            self._forget_released()
         if self._holds.count(RETAIN) and (self._pressure or self._free_share() < self.cfg.retention_min_free):
             key = self._holds.release_oldest(RETAIN)
             log.info("ampd: KV memory pressure, released retained blocks %s", key)
@@ -353,7 +389,7 @@ class AMPDScheduler:
             except zmq.Again:
                 return
             try:
-                kind, xfer = self._auth.check_notice(msg)
+                kind, xfer, rank, of = self._auth.read_notice(msg)
             except AuthError as exc:
                 self._stats.count("notices_refused")
                 log.warning("ampd: notice refused: %s", exc)
@@ -362,7 +398,16 @@ class AMPDScheduler:
                 if self._holds.renew(xfer, self.cfg.hold_ttl_s, self.cfg.lease_max_s):
                     self._stats.count("lease_renewals_received")
             elif self._holds.kind(xfer) == SOURCE:
-                self._holds.release(xfer)
+                done = self._done_ranks.setdefault(xfer, set())
+                done.add(rank)
+                if len(done) >= of:  # every reader rank has read its heads
+                    self._holds.release(xfer)
+                    del self._done_ranks[xfer]
+
+    def _forget_released(self) -> None:
+        """Drop rank tallies of transfers no longer held (released by their TTL or a cache reset)."""
+        for xfer in [x for x in self._done_ranks if self._holds.kind(x) != SOURCE]:
+            del self._done_ranks[xfer]
 
     def update_connector_output(self, output) -> None:
         now = time.monotonic()
@@ -424,7 +469,8 @@ class AMPDScheduler:
                 blocks=tuple(block_ids), tokens=tokens, block_size=self.block_size,
                 block_bytes=self._worker.block_bytes, bases=self._worker.bases,
                 fingerprint=wire.prompt_fingerprint((request.prompt_token_ids or [])[:tokens]),
-                expires=round(time.time() + self.cfg.hold_ttl_s, 3), lease_s=self.cfg.hold_ttl_s))
+                expires=round(time.time() + self.cfg.hold_ttl_s, 3), lease_s=self.cfg.hold_ttl_s,
+                **self._layout_fields()))
             st.stats["held_blocks"] = len(block_ids)
         elif p is not None and p.role in ("prefill", "export") and st.error is None:
             st.error = f"nothing exported (finish status {request.status.name}; send max_tokens=1)"
@@ -438,6 +484,13 @@ class AMPDScheduler:
                 st.stats["retained_blocks"] = len(block_ids)
         st.stats["tables"] = self.counts()  # lets operators and tests see that nothing accumulates
         return False, wire.response_params(source=source, stats=st.stats, error=st.error)
+
+    def _layout_fields(self) -> dict[str, Any]:
+        """The descriptor's TP layout: every rank's memory, TP size, KV heads, bytes per head (all signed)."""
+        if self._worker.head_bytes <= 0 or self.kv_heads <= 0:
+            return {}
+        return {"tp": self.tp, "kv_heads": self.kv_heads, "head_bytes": self._worker.head_bytes,
+                "ranks": tuple((h.te_session, h.bases) for h in self._ranks[1:])}
 
     def _note_export_recompute(self, st: _ReqState, request: "Request") -> None:
         """An export whose history was not cached here recomputed it (stalling this engine's batch): say so."""
