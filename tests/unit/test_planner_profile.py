@@ -159,3 +159,30 @@ def test_steady_step_time_leaves_out_streams_that_arrived_in_one_burst():
     assert steady_step_time([timed, burst, burst], tokens=4) == pytest.approx(0.1)
     with pytest.raises(CoalescedStreams):
         steady_step_time([burst, burst], tokens=4)
+
+
+class _BurstyEngine:
+    """Every stream arrives in one write at its end: TTFT 0.2 s, then 0.05 s per further token."""
+
+    async def stream(self, ids, max_tokens, kv=None, headers=None):
+        end = 0.2 + 0.05 * (max_tokens - 1)
+        return [end] * max_tokens
+
+
+def test_decode_step_falls_back_to_end_to_end_times_when_streams_arrive_in_one_burst():
+    from ampd_plugin.planner.profile import Grid, Profiler
+
+    prof = Profiler(Grid(decode_tokens=9, repeats=2))
+    step = asyncio.run(prof.decode_step(_BurstyEngine(), batch=2, ctx=64, n_out=9))
+    assert step == pytest.approx(0.05)
+
+
+class _FlatEngine:
+    async def stream(self, ids, max_tokens, kv=None, headers=None):
+        return [0.3] * max_tokens
+
+
+def test_decode_step_is_none_when_nothing_shows_the_step_time():
+    from ampd_plugin.planner.profile import Grid, Profiler
+
+    assert asyncio.run(Profiler(Grid(repeats=2)).decode_step(_FlatEngine(), batch=1, ctx=64, n_out=8)) is None
