@@ -11,6 +11,7 @@ from ampd_plugin.router.config import RouterConfig
 from ampd_plugin.router.context import RoundCtx
 from ampd_plugin.router.errors import RouterError
 from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.session_ids import for_log
 from ampd_plugin.router.sessions import PromptCounter, Session
 from ampd_plugin.router_policy.registry import PolicyError, PolicyRunner, least_loaded_decode
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask, Route, SessionInfo, WorkerState
@@ -62,7 +63,7 @@ class RoundPlanner:
             route = self.policy.route_prefill(task, self.cluster)
         except PolicyError as exc:
             self.metrics.errors.labels("policy").inc()
-            log.error("route_prefill failed: %s; running the prefill locally", exc)
+            log.error("route_prefill failed: %s; running the prefill locally", for_log(exc))
             route = Route("local", shape.decode, "policy-error")
         if route.kind == "local":
             return prim.local_plan(shape), route

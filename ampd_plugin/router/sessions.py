@@ -23,27 +23,40 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from ampd_plugin.router import session_ids
+
 log = logging.getLogger("ampd.router")
 
 SESSION_HEADER = "x-session-id"
 SESSION_FIELD = "session_id"
 CONVERSATION_FIELD = "conversation_id"  # vLLM's multi-turn benchmark client and proxy send this
 SESSION_BODY_FIELDS = (SESSION_FIELD, CONVERSATION_FIELD)  # removed before the request reaches an engine
-MAX_SESSION_ID_LEN = 256
 _RESERVED_TEMPLATE_KWARGS = ("tokenize", "add_generation_prompt", "conversation", "messages", "tools", "return_dict")
 _RUN = uuid.uuid4().hex[:8]  # anonymous ids are unique per router process without a uuid per request
 _anonymous = itertools.count()
 
 
 def session_identity(headers: Mapping[str, str], body: dict) -> tuple[str, bool]:
-    """(session id, explicit?) for a request; anonymous requests get a fresh one-round id."""
-    for candidate in (headers.get(SESSION_HEADER), body.get(SESSION_FIELD), body.get(CONVERSATION_FIELD),
-                      body.get("user")):
-        if isinstance(candidate, (str, int)) and not isinstance(candidate, bool):
-            sid = str(candidate).strip()
-            if sid:
-                return sid[:MAX_SESSION_ID_LEN], True
+    """(session id, explicit?) for a request; anonymous requests get a fresh one-round id.
+
+    An id that is not a plain token is refused (400) unless it came from the OpenAI `user` field, which is
+    replaced by its digest (see `session_ids`)."""
+    named = ((headers.get(SESSION_HEADER), "header X-Session-ID"), (body.get(SESSION_FIELD), SESSION_FIELD),
+             (body.get(CONVERSATION_FIELD), CONVERSATION_FIELD))
+    for candidate, source in named:
+        sid = _as_text(candidate)
+        if sid:
+            return session_ids.checked(sid, source), True
+    user = _as_text(body.get("user"))
+    if user:
+        return session_ids.from_user_field(user), True
     return f"anon-{_RUN}-{next(_anonymous)}", False
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, (str, int)) and not isinstance(value, bool):
+        return str(value).strip()
+    return ""
 
 
 @dataclass
@@ -164,7 +177,7 @@ class PromptCounter:
                     messages, tokenize=False, add_generation_prompt=body.get("add_generation_prompt", True), **kwargs
                 )
             except Exception as exc:  # templates differ; counting must never fail a request
-                log.debug("chat template failed (%s); counting plain message text", exc)
+                log.debug("chat template failed (%s); counting plain message text", session_ids.for_log(exc))
         return "".join(f"{m.get('role', '')}: {_content_text(m.get('content'))}\n" for m in messages)
 
     def count_text(self, text: str) -> int:

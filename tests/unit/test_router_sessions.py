@@ -19,9 +19,34 @@ def test_anonymous_requests_are_one_round_sessions():
     assert len(store) == 0  # never remembered
 
 
-def test_overlong_ids_are_truncated():
-    sid, _ = session_identity({"x-session-id": "x" * 10_000}, {})
-    assert len(sid) == 256
+def test_named_ids_that_are_not_plain_tokens_are_refused_with_the_rule():
+    import pytest
+
+    from ampd_plugin.router.errors import RouterError
+    from ampd_plugin.router.session_ids import MAX_SESSION_ID_LEN
+
+    assert session_identity({"x-session-id": "x" * MAX_SESSION_ID_LEN}, {})[0] == "x" * MAX_SESSION_ID_LEN
+    for headers, body, where in [({"x-session-id": "x" * (MAX_SESSION_ID_LEN + 1)}, {}, "X-Session-ID"),
+                                 ({}, {"session_id": "a\nINFO forged line"}, "session_id"),
+                                 ({}, {"conversation_id": "tab\there"}, "conversation_id")]:
+        with pytest.raises(RouterError) as err:
+            session_identity(headers, body)
+        assert err.value.status == 400 and where in str(err.value.body())
+
+
+def test_user_field_that_is_not_a_plain_token_becomes_a_stable_digest():
+    a, explicit = session_identity({}, {"user": "Alice Smith <alice@example.com>"})
+    b, _ = session_identity({}, {"user": "Alice Smith <alice@example.com>"})
+    c, _ = session_identity({}, {"user": "Bob\n"  + "x" * 500})
+    assert explicit and a == b and a.startswith("user-") and c.startswith("user-") and a != c
+    assert session_identity({}, {"user": "alice@example.com"})[0] == "alice@example.com"
+
+
+def test_client_strings_in_logs_are_escaped_and_bounded():
+    from ampd_plugin.router.session_ids import for_log
+
+    assert for_log("a\nb\tc") == "a\\nb\\tc"
+    assert "\n" not in for_log("x\n" * 1000) and len(for_log("y" * 1000)) <= 201
 
 
 class WordTokenizer:
