@@ -85,6 +85,16 @@ class Relay:
                                 if self._first_token is not None:
                                     self._first_token(self.ctx, now, "stream")
                 yield chunk
+            if not self.saw_done:
+                # The engine ended a 200 stream without `[DONE]`: garbage, or an answer cut short. The client
+                # must learn it is incomplete, and the worker counts as failing.
+                self._metrics.errors.labels("stream_incomplete").inc()
+                if self._outliers is not None:
+                    self._outliers.failure(self.d.worker_id, "broken")
+                log.warning("stream from %s ended without [DONE] after %d token events", self.d.worker_id, self.n_out)
+                yield (b'\n\ndata: {"error": {"message": "the decode worker ended its stream without [DONE]; the '
+                       b'answer is incomplete", "type": "upstream_error", "code": "stream_incomplete"}}\n\n')
+                return
             self.ok = True
             if self._outliers is not None:
                 self._outliers.success(self.d.worker_id)

@@ -51,6 +51,7 @@ class FakeEngine:
     tail_delay: float = 0.0  # between `data: [DONE]` and the end of the stream (a client may leave first)
     healthy: bool = True
     fail_status: int | None = None
+    garbage_stream: bytes | None = None  # a streamed answer of these bytes (HTTP 200, no [DONE]) when set
     prefill_stats: dict = field(default_factory=dict)  # extra connector stats in prefill responses
     metrics_page: str | None = None  # served on /metrics when set (else 404, as an engine without metrics)
     requests: list[dict] = field(default_factory=list)
@@ -143,6 +144,10 @@ class FakeEngine:
                                       "kv_transfer_params": kv_out})
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
+        if self.garbage_stream is not None:
+            await resp.write(self.garbage_stream)
+            await resp.write_eof()
+            return resp
         self.active += 1
         try:
             def event(payload: dict) -> bytes:

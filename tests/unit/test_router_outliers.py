@@ -136,3 +136,18 @@ def test_a_burst_of_new_sessions_spreads_over_decode_workers():
 
     where = run(main())
     assert min(where.count("decode-0"), where.count("decode-1")) >= 15
+
+
+def test_a_worker_streaming_garbage_gives_the_client_an_error_event_and_counts_as_a_failure():
+    async def main():
+        async with RouterHarness(n_decode=1, policy="colocated") as h:
+            h.decode[0].garbage_stream = b"<html>502 Bad Gateway</html>\n"
+            body = {"messages": USER, "max_tokens": 8, "stream": True}
+            async with h.client.post(h.url + "/v1/chat/completions", json=body, headers={"X-Session-ID": "g"}) as r:
+                raw = await r.read()
+            return r.status, raw, await h.metrics_text()
+
+    status, raw, metrics = run(main())
+    assert status == 200 and b'"code": "stream_incomplete"' in raw
+    assert 'kind="stream_incomplete"' in metrics and 'worker_failures_total{kind="broken"' in metrics.replace(
+        'worker="decode-0",', "")
