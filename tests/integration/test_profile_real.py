@@ -39,7 +39,9 @@ def test_profile_real_engines(pd_cluster, tmp_path):
     # The serving path, measured through routers the profile started (local and remote rounds) and directly.
     terms = ServingTerms.for_model(fitted)
     assert terms.token_budget == 2048 and terms.frontend_in_t_pre  # vLLM-CPU's default budget
-    assert 0 < terms.router_s < 0.5 and 0 <= terms.frontend_s < 0.05
+    # The router hop (about a millisecond) can sit below a loaded 2-core host's TTFT noise; the fit then
+    # reports 0 rather than a negative time.
+    assert 0 <= terms.router_s < 0.5 and 0 <= terms.frontend_s < 0.05
     raw = fitted.meta["samples"]["serving"]
     assert len(raw["router_local"]) == 2 * 3 and len(raw["router_remote"]) == 3  # at least three repeats
     assert all(t2 > 0 and t1 > 0 for _, _, t1, t2 in raw["router_remote"])
