@@ -5,7 +5,8 @@ Why at the protocol level: uvicorn's httptools protocol buffers a header line un
 no read deadline before the first request or while a body trickles in, so one 64 MiB header or a few hundred
 half-sent requests stall or exhaust the router before any application code runs. `guarded_protocol` returns
 a subclass that counts the bytes of the request head as they arrive (431 once over the limit, before the
-rest is buffered), counts header lines (431), gives the head a total deadline and the body an idle deadline
+rest is buffered; a head that completes within one read is measured exactly from the parser's URL and header
+callbacks, so a body in the same read never counts as head), counts header lines (431), gives the head a total deadline and the body an idle deadline
 (408 / close). The body's size limit is enforced while reading, in `intake.read_json`.
 
 JSON depth: orjson (>= 3.10) refuses nesting beyond 1024 levels instead of overflowing the C stack, but
@@ -24,8 +25,8 @@ from ampd_plugin.router.errors import bad_request
 MAX_ENCODABLE_DEPTH = 255  # orjson.dumps raises beyond this nesting
 
 
-class _TooManyHeaders(Exception):
-    pass
+class _HeadTooLarge(Exception):
+    """Raised from a parser callback: httptools turns it into a parse error, which ends in send_400_response."""
 
 
 def guarded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: float,
@@ -39,6 +40,8 @@ def guarded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             self._head_bytes = 0
             self._head_started = False  # some byte of the current request head arrived
             self._header_count = 0
+            self._head_exact = 0  # URL + header bytes of the current head, from the parser callbacks
+            self._heads_done = 0
             self._refused = False
             self._last_data = self.loop.time()
             self._deadline: asyncio.TimerHandle | None = None
@@ -52,14 +55,14 @@ def guarded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             if self._refused:
                 return
             self._last_data = self.loop.time()
-            was_head = self._in_head
+            was_head, heads_done = self._in_head, self._heads_done
             if was_head:
                 self._head_started = True
                 if self._deadline is None:
                     self._arm_head_deadline()  # a new request on a kept-alive connection
             super().data_received(data)
-            if was_head and self._in_head and not self._refused:
-                # The whole chunk belonged to a head that is still incomplete.
+            if was_head and self._in_head and self._heads_done == heads_done and not self._refused:
+                # The whole chunk belonged to a head that is still incomplete (the parser buffers it).
                 self._head_bytes += len(data)
                 if self._head_bytes > max_header_bytes:
                     self._refuse(431, f"request header exceeds {max_header_bytes} bytes")
@@ -68,15 +71,24 @@ def guarded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
         def on_message_begin(self) -> None:
             super().on_message_begin()
             self._header_count = 0
+            self._head_exact = 0
+
+        def on_url(self, url: bytes) -> None:
+            self._head_exact += len(url)
+            if self._head_exact > max_header_bytes:
+                raise _HeadTooLarge
+            super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
             self._header_count += 1
-            if self._header_count > max_headers:
-                raise _TooManyHeaders
+            self._head_exact += len(name) + len(value) + 4  # ": " and CRLF
+            if self._header_count > max_headers or self._head_exact > max_header_bytes:
+                raise _HeadTooLarge
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            self._heads_done += 1
             self._head_bytes = 0
             self._head_started = False
             self._cancel_deadline()
@@ -89,7 +101,8 @@ def guarded_protocol(max_header_bytes: int, max_headers: int, header_timeout_s: 
             super().on_message_complete()
 
         def send_400_response(self, msg: str) -> None:
-            if self._header_count > max_headers or self._head_bytes > max_header_bytes or self._refused:
+            too_big = max(self._head_bytes, self._head_exact) > max_header_bytes
+            if self._header_count > max_headers or too_big or self._refused:
                 self._refuse(431, f"request header exceeds {max_headers} fields or {max_header_bytes} bytes")
             else:
                 super().send_400_response(msg)

@@ -125,6 +125,21 @@ def test_too_many_headers_is_431():
     assert many.startswith(b"HTTP/1.1 431") and few.startswith(b"HTTP/1.1 200")
 
 
+def test_head_size_is_measured_exactly_when_head_and_body_arrive_in_one_read():
+    """A body larger than max_header_bytes sent with its head in one write is served; a head over the limit
+    that arrives whole in one read is still 431."""
+    async def main():
+        async with RouterHarness(policy="colocated", max_header_bytes=16 * 1024) as h:
+            body = json.dumps({"messages": USER, "max_tokens": 4}).encode()
+            body = body[:-1] + b" " * 40_000 + b"}"  # JSON whitespace: a 40 KB body, a short prompt
+            big_body = await _raw(h.port, _post(body, b"Connection: close\r\n"))
+            big_head = await _raw(h.port, _post(b"{}", b"X-Long: " + b"v" * 20_000 + b"\r\nConnection: close\r\n"))
+            return big_body, big_head
+
+    big_body, big_head = run(main())
+    assert big_body.startswith(b"HTTP/1.1 200") and big_head.startswith(b"HTTP/1.1 431")
+
+
 def test_slowloris_connections_are_cut_off_at_the_read_deadline():
     async def main():
         async with RouterHarness(policy="colocated", client_header_timeout_s=0.5, client_body_timeout_s=0.5) as h:
