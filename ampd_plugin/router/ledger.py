@@ -14,6 +14,10 @@ What counts, following what the `ampd` connector really does:
 
 One entry per session with a round in flight or KV resident: the table is bounded by the requests in
 flight plus the sessions served within one retention TTL.
+
+With router replicas (router/replication.py) every change made here is reported through `on_change`, and
+other replicas' changes come in through `apply_remote`; a session this replica has never served is held
+by a stand-in `Session` that is not in the session store (its binding goes with its residency).
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ class KVLedger:
         self._retention: dict[str, float] = {}  # decode worker -> retention TTL its connector reported
         self.expired = 0  # residencies that lapsed with the connector's pin
         self.evicted = 0  # residencies dropped because the connector reported an eviction
+        # (session, explicit, worker or None, tokens, until): every local change, for other replicas
+        self.on_change: Callable[[str, bool, str | None, int, float], None] | None = None
 
     # ------------------------------------------------------------------------------ retention
     def retention_s(self, worker_id: str) -> float:
@@ -98,8 +104,9 @@ class KVLedger:
         return True
 
     def forget(self, s: Session) -> None:
-        """An expired session: its KV no longer counts and its binding goes."""
-        self._set(s.session_id, None)
+        """An expired session: its KV no longer counts and its binding goes (here only: with replicas the
+        shared record's TTL ends it everywhere)."""
+        self._set(s.session_id, None, publish=False)
         self.cluster.unbind_session(s.session_id)
 
     def expire(self, now: float | None = None) -> list[str]:
@@ -119,6 +126,47 @@ class KVLedger:
         self.cluster.decode[worker_id].kv_used_tokens = 0
         return lost
 
+    # ------------------------------------------------------------------------------ replicas
+    def apply_remote(self, session_id: str, explicit: bool, worker: str | None, tokens: int, until: float,
+                     session: Session | None = None) -> bool:
+        """Another replica changed this session's residency (`until` on this process's clock). Ignored while
+        a round of the session runs here (this replica owns it then) or for a worker unknown here."""
+        e = self._entries.get(session_id)
+        s = session or self.sessions.peek(session_id) or (e.session if e is not None else None) \
+            or Session(session_id, explicit)
+        if s.busy:
+            return False
+        s.last_seen = time.monotonic()  # served elsewhere is not idle: this copy must not expire meanwhile
+        if worker is None or tokens <= 0 or worker not in self.cluster.decode or until <= self._clock():
+            self._set(session_id, None, publish=False)
+            s.resident_tokens, s.resident_worker = 0, None
+            if self.sessions.peek(session_id) is not s and e is not None:
+                self.cluster.unbind_session(session_id)  # a stand-in: nothing else keeps its binding
+            return True
+        self._set(session_id, _Entry(s, worker, tokens, until), publish=False)
+        self.cluster.bindings[session_id] = worker
+        if until != math.inf:
+            s.resident_tokens, s.resident_worker = tokens, worker
+        return True
+
+    def adopt(self, s: Session) -> bool:
+        """`s` is this replica's copy of a session whose entry another replica made: the entry is `s`'s now."""
+        e = self._entries.get(s.session_id)
+        if e is None or e.session is s:
+            return e is not None
+        e.session = s
+        if e.until != math.inf:
+            s.resident_tokens, s.resident_worker = e.tokens, e.worker
+        return True
+
+    def entries(self) -> list[tuple[str, bool, str, int, float]]:
+        """(session, explicit, worker, tokens, until) of every entry (a replica resynchronising sends them)."""
+        return [(sid, e.session.explicit, e.worker, e.tokens, e.until) for sid, e in self._entries.items()]
+
+    def until(self, session_id: str) -> float | None:
+        e = self._entries.get(session_id)
+        return e.until if e is not None else None
+
     # ------------------------------------------------------------------------------ sizes
     def __len__(self) -> int:
         return len(self._entries)
@@ -131,11 +179,17 @@ class KVLedger:
 
     # ------------------------------------------------------------------------------ internals
     def _lapse(self, s: Session) -> None:
-        self._set(s.session_id, None)
+        self._set(s.session_id, None, publish=False)  # every replica lapses it on its own clock
         s.resident_tokens, s.resident_worker = 0, None
+        if self.sessions.peek(s.session_id) is not s:
+            self.cluster.unbind_session(s.session_id)  # a stand-in for another replica's session
         self.expired += 1
 
-    def _set(self, sid: str, entry: _Entry | None) -> None:
+    def _set(self, sid: str, entry: _Entry | None, publish: bool = True) -> None:
+        if publish and self.on_change is not None:
+            e = entry
+            self.on_change(sid, e.session.explicit if e else True, e.worker if e else None, e.tokens if e else 0,
+                           e.until if e else 0.0)
         old = self._entries.pop(sid, None)
         if old is not None and old.worker in self.cluster.decode:
             w = self.cluster.decode[old.worker]

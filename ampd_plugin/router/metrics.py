@@ -42,5 +42,12 @@ class RouterMetrics:
         self.retention_releases = Counter(p + "retention_releases", "Retention pins released on a worker a session "
                                           "migrated away from", ["outcome"], registry=r)
 
+        # Router replicas sharing state (router/redis_store.py).
+        self.state_connected = Gauge(p + "state_connected", "1 when the shared state store answers (always 1 "
+                                     "without --state)", registry=r)
+        self.replicas = Gauge(p + "replicas", "Live router replicas sharing the state store (this one included)", registry=r)
+        self.state_dropped = Counter(p + "state_events_dropped", "Events not shared with other replicas (store down "
+                                     "or buffer full)", registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

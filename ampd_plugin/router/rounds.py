@@ -30,6 +30,7 @@ from ampd_plugin.router.limits import prompt_chars
 from ampd_plugin.router.planning import RoundPlanner
 from ampd_plugin.router.ledger import KVLedger
 from ampd_plugin.router.queues import PrefillQueues
+from ampd_plugin.router.replication import Replication
 from ampd_plugin.router.round_io import RoundIO
 from ampd_plugin.router.session_lock import SessionLocks
 from ampd_plugin.router.sessions import SESSION_BODY_FIELDS, PromptCounter, SessionStore, session_identity
@@ -45,9 +46,11 @@ _request_ids = itertools.count()
 class RoundRunner:
     def __init__(self, cfg: RouterConfig, cluster: ClusterState, sessions: SessionStore, queues: PrefillQueues,
                  planner: RoundPlanner, executor: RoundExecutor, io: RoundIO, accounting: RoundAccounting,
-                 health: WorkerHealth, counter: PromptCounter | None = None) -> None:
+                 health: WorkerHealth, counter: PromptCounter | None = None,
+                 replication: Replication | None = None) -> None:
         self.cfg, self.cluster, self.sessions, self.queues = cfg, cluster, sessions, queues
         self.planner, self.executor, self.io, self.accounting, self.health = planner, executor, io, accounting, health
+        self.replication = replication  # router replicas: the session's cross-replica lock and record
         self.counter = counter  # loaded at start-up when not given
         self.locks = SessionLocks(cfg.session_wait_s)
         # One thread: HF fast tokenizers must not be called concurrently (their Rust object is borrowed).
@@ -65,16 +68,23 @@ class RoundRunner:
         if not explicit:
             return await self._run(sid, False, body, chat, t0, headers, None)
         await self.locks.acquire(sid)  # one round of a session at a time (bounded wait, then 409)
-        released = False
+        released = entered = False
+        store = self.replication.store if self.replication is not None and self.replication.enabled else None
 
         def unlock() -> None:
             nonlocal released
             if not released:
                 released = True
+                if entered:
+                    store.leave(sid)  # queued after the round's record write
                 self.locks.release(sid)
 
         try:
-            return await self._run(sid, True, body, chat, t0, headers, unlock)
+            record = None
+            if store is not None:  # and across replicas: the same bounded wait, counted from arrival
+                record = await store.enter(sid, max(0.0, self.cfg.session_wait_s - (time.monotonic() - t0)))
+                entered = True
+            return await self._run(sid, True, body, chat, t0, headers, unlock, record)
         except BaseException:
             unlock()  # failed before a relay took the round over (a relay is only made at the very end)
             raise
@@ -89,12 +99,14 @@ class RoundRunner:
                               "context_length_exceeded", "messages" if chat else "prompt")
 
     async def _run(self, sid: str, explicit: bool, body: dict, chat: bool, t0: float,
-                   headers: Mapping[str, str], unlock) -> Response:
+                   headers: Mapping[str, str], unlock, record=None) -> Response:
         field = "messages" if chat else "prompt"
         limit = self.cfg.max_prompt_tokens
         # A refused request leaves nothing behind: the session is admitted and remembers the prompt only
         # once the prompt passed every check.
         session = self.sessions.get(sid, explicit, admit=False)
+        if explicit and self.replication is not None:
+            self.replication.merge(session, record)
         counter = self.counter or PromptCounter(None)
         prompt = counter.render(body, chat)
         extends = isinstance(prompt, str) and bool(session.last_text) and prompt.startswith(session.last_text)

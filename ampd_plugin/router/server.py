@@ -37,6 +37,7 @@ from ampd_plugin.router.planning import RoundPlanner
 from ampd_plugin.router.recalibration import OnlineRefit
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.relay import race_disconnect
+from ampd_plugin.router.replication import Replication, make_store
 from ampd_plugin.router.retention import RetentionReleaser
 from ampd_plugin.router.round_io import RoundIO
 from ampd_plugin.router.rounds import RoundRunner
@@ -94,8 +95,14 @@ class Router:
         self.retention = RetentionReleaser(self.upstreams, self.metrics, lambda: (self.model_card or {}).get("id"))
         if cfg.engine == "vllm" and cfg.kv_connector == "ampd":
             self.accounting.release_retention = self.retention.release
+        # Shared state of router replicas (`--state redis://…`); without it, this process only.
+        self.store = make_store(cfg.state, cfg.state_prefix, cfg.replica_id, cfg.state_lock_ttl_s)
+        self.replication = Replication(self.store, self.cluster, self.ledger, self.sessions, policy.on_metrics,
+                                       record_ttl_s=cfg.session_ttl_s, remote_inflight_s=cfg.upstream_timeout_s)
+        self.replication.attach(self.accounting)
+        self._dropped_seen = 0
         self.rounds = RoundRunner(cfg, self.cluster, self.sessions, self.queues, RoundPlanner(cfg, self.cluster, policy, self.metrics, self.outliers.suspect),
-                                  executor, self.io, self.accounting, self.health_state, counter)
+                                  executor, self.io, self.accounting, self.health_state, counter, self.replication)
         self._bg: list[asyncio.Task] = []
         self.app = Starlette(
             routes=[
@@ -138,6 +145,13 @@ class Router:
         if self.cfg.max_prompt_tokens is None and card and isinstance(card.get("max_model_len"), int):
             self.cfg.max_prompt_tokens = card["max_model_len"]
         await self._poll_engines()
+        await self.replication.start()
+        if self.replication.enabled and min(self.cfg.prefill_slots, self.cfg.local_prefill_slots) < self.store.replicas():
+            log.warning("%d router replicas share workers with %d prefill slot(s) per prefill worker and %d local slot(s) "
+                        "per decode worker: each replica still admits at least one, so a worker may run up to one per "
+                        "replica at once (raise --config prefill_slots / local_prefill_slots to a multiple of the "
+                        "replica count for an exact share)", self.store.replicas(), self.cfg.prefill_slots,
+                        self.cfg.local_prefill_slots)
         self._bg.append(asyncio.create_task(self.upstreams.health_loop(self.cfg.health_interval_s, self._health_tick)))
         # Everything loaded so far (tokenizer, libraries) lives for the whole run: keep it out of the
         # garbage collector's scans so a full collection never pauses the relay.
@@ -156,6 +170,7 @@ class Router:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._bg.clear()
+        await self.store.stop()
         await self.retention.close()
         await self.upstreams.close()
         self.rounds.close()
@@ -193,6 +208,13 @@ class Router:
         m.prompt_chars.set(sum(len(s.last_text) for s in self.sessions))
         m.ejected.set(self.outliers.ejected_count())
         m.inflight.set(self.ledger.in_flight())
+        st = self.store.status()
+        m.state_connected.set(1 if st["connected"] else 0)
+        m.replicas.set(st["replicas"])
+        dropped = st.get("dropped_events", 0)
+        if dropped > self._dropped_seen:
+            m.state_dropped.inc(dropped - self._dropped_seen)
+            self._dropped_seen = dropped
 
     def _eject(self, wid: str, why: str) -> None:
         """Outlier ejection: out of routing like a dead worker; the health check lets it back after the back-off."""
@@ -209,7 +231,9 @@ class Router:
             return None
 
     def _slots(self, wid: str) -> int:
-        return self.cfg.prefill_slots if wid in self.cluster.prefill else self.cfg.local_prefill_slots
+        """This replica's share of the worker's prefill slots (all of them when it is the only router)."""
+        slots = self.cfg.prefill_slots if wid in self.cluster.prefill else self.cfg.local_prefill_slots
+        return max(1, slots // self.store.replicas())
 
     def _on_queue(self, wid: str, qlen: int, reordered: bool) -> None:
         self.metrics.queue_len.labels(wid).set(qlen)
@@ -235,7 +259,9 @@ class Router:
         workers = {wid: {"kind": ep.kind, "url": ep.url, "alive": self.cluster.worker(wid).alive,
                          "queue": len(self.cluster.worker(wid).queue)} for wid, ep in self.eps.items()}
         ok = bool(self.cluster.live_decode())
-        return JSONResponse({"status": "ok" if ok else "unavailable", "workers": workers}, status_code=200 if ok else 503)
+        # A shared store that is down does not make this replica unhealthy: it serves from local state.
+        return JSONResponse({"status": "ok" if ok else "unavailable", "workers": workers, "state": self.store.status()},
+                            status_code=200 if ok else 503)
 
     async def metrics_endpoint(self, request: Request) -> Response:
         self._refresh_state_gauges()

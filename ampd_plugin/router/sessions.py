@@ -16,6 +16,7 @@ Without a tokenizer the router falls back to ~4 bytes per token and says so at s
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import time
@@ -73,6 +74,23 @@ class Session:
     last_output: str = ""  # the last round's generated text: with `last_text`, what the decode worker holds
     last_seen: float = field(default_factory=time.monotonic)
     busy: bool = False  # a round is in flight (rounds of one session are serial)
+    # Router replicas (router/replication.py): the version of the shared record this copy reflects, and,
+    # when another replica served the last round, what it rendered (length, digest, tokens) and what the
+    # decode worker holds (length and digest of prompt + output) in place of the texts themselves.
+    synced_version: int = 0
+    record_owner: bool = False  # this replica wrote that version (it can resend it after an outage)
+    remote_prefix: tuple[int, str, int] | None = None
+    remote_held: tuple[int, str] | None = None
+
+
+def text_digest(text: str) -> str:
+    """A short digest of `text`: replicas compare prompts by it instead of shipping them."""
+    return hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+
+
+def extends_remote(prompt: str, known: tuple | None) -> bool:
+    """`prompt` starts with the text another replica described as (length, digest, …)."""
+    return known is not None and len(prompt) >= known[0] and text_digest(prompt[:known[0]]) == known[1]
 
 
 class SessionStore:
@@ -91,6 +109,9 @@ class SessionStore:
                 self.admit(session)
         session.last_seen = time.monotonic()
         return session
+
+    def peek(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
 
     def admit(self, session: Session) -> None:
         """Remember a named session from now on (anonymous one-round sessions are never stored)."""
@@ -210,6 +231,8 @@ class PromptCounter:
             return len(prompt)
         if session is not None and session.last_text and prompt.startswith(session.last_text):
             n = session.last_text_tokens + self.count_text(prompt[len(session.last_text):])
+        elif session is not None and not session.last_text and extends_remote(prompt, session.remote_prefix):
+            n = session.remote_prefix[2] + self.count_text(prompt[session.remote_prefix[0]:])
         else:
             n = self.count_text(prompt)
         if remember and session is not None:
@@ -221,6 +244,7 @@ class PromptCounter:
         """The session's last prompt and its count (named sessions only: the next round counts its increment)."""
         if session.explicit and isinstance(prompt, str):
             session.last_text, session.last_text_tokens = prompt, n
+            session.remote_prefix = session.remote_held = None
 
 
 def _content_text(content: Any) -> str:

@@ -182,10 +182,12 @@ class RouterHarness:
     """Fake P/D engines + a real Router served by uvicorn on loopback; use with `async with`."""
 
     def __init__(self, n_prefill: int = 1, n_decode: int = 1, policy: str = "ampd", policy_params: dict | None = None,
-                 counter: PromptCounter | None = None, **cfg) -> None:
+                 counter: PromptCounter | None = None, engines_of: "RouterHarness | None" = None, **cfg) -> None:
         self.counter = counter or PromptCounter(None)
-        self.prefill = [FakeEngine(f"P{i}") for i in range(n_prefill)]
-        self.decode = [FakeEngine(f"D{i}") for i in range(n_decode)]
+        # engines_of: another harness whose (running) fakes this router fronts too, as a second replica
+        self.owns_engines = engines_of is None
+        self.prefill = engines_of.prefill if engines_of else [FakeEngine(f"P{i}") for i in range(n_prefill)]
+        self.decode = engines_of.decode if engines_of else [FakeEngine(f"D{i}") for i in range(n_decode)]
         self.policy_name = policy
         self.policy_params = policy_params or {}
         self.cfg_overrides = cfg
@@ -200,7 +202,7 @@ class RouterHarness:
         return f"http://127.0.0.1:{self.port}"
 
     async def __aenter__(self) -> "RouterHarness":
-        for e in self.prefill + self.decode:
+        for e in self.prefill + self.decode if self.owns_engines else ():
             await e.start()
         from policy_fakes import FakeCost
 
@@ -230,7 +232,7 @@ class RouterHarness:
             self._server.should_exit = True
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._task, 10)
-        for e in self.prefill + self.decode:
+        for e in self.prefill + self.decode if self.owns_engines else ():
             await e.stop()
 
     async def chat(self, messages: list[dict], session: str | None = None, stream: bool = False, max_tokens: int = 8,

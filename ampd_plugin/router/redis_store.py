@@ -1,0 +1,365 @@
+"""Router replicas sharing one deployment's state through Redis (`ampd-plugin route --state redis://…`).
+
+The distributed part is Redis's, not ours: every key has a TTL, the session lock is Redis's documented
+single-instance lock (SET NX PX with a random token; release and renewal compare the token in a Lua
+script), records are plain strings written under that lock (so no write is lost to a concurrent round),
+and the events are one capped stream that every replica reads.
+
+    {prefix}:s:{session}   the session's record (JSON), TTL = the router's session TTL
+    {prefix}:l:{session}   the session lock (token), TTL = lock_ttl_s, renewed every heartbeat while held
+    {prefix}:ev            the event stream (XADD MAXLEN ~ max_stream), read with XREAD BLOCK
+    {prefix}:replicas      live replicas: sorted set of replica id -> last heartbeat (wall clock)
+
+Nothing on the hot path waits for Redis except `enter` (one round trip: lock and record in one pipeline).
+Record writes, unlocks and events go into bounded buffers that one writer task sends in pipelines; writes
+are coalesced per session (the newest wins) and kept while Redis is down, so when it comes back the records
+are resynchronised. While Redis is unreachable the router serves from its local state: `enter` takes only
+the in-process lock, events are dropped (counted), `/health` and `ampd_router_state_connected` say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections import deque
+from typing import Any, Callable
+from urllib.parse import urlsplit, urlunsplit
+
+import orjson
+
+from ampd_plugin.router.errors import RouterError
+from ampd_plugin.router.state_store import Event, SessionRecord
+
+log = logging.getLogger("ampd.router.state")
+
+PASSWORD_ENV = "AMPD_REDIS_PASSWORD"
+PASSWORD_FILE_ENV = "AMPD_REDIS_PASSWORD_FILE"
+_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
+_RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
+          "else return 0 end")
+# Records are written under the session lock, so versions only grow; after an outage two replicas may
+# both resend one session's record: the higher version wins, whichever arrives last.
+_WRITE_IF_NEWER = ("local cur = redis.call('get', KEYS[1]) "
+                   "if cur then local ok, old = pcall(cjson.decode, cur) "
+                   "if ok and type(old) == 'table' and tonumber(old['version']) and tonumber(old['version']) >= tonumber(ARGV[2]) "
+                   "then return 0 end end "
+                   "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[3]) return 1")
+_RECORD_FIELDS = {f.name for f in dataclasses.fields(SessionRecord)}
+_EVENT_FIELDS = {f.name for f in dataclasses.fields(Event)}
+
+
+def redacted_url(url: str) -> str:
+    """The URL without its password (for logs and /health)."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = f"{parts.username + ':' if parts.username else ':'}***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_url(url: str) -> None:
+    """A usable `--state` URL: redis://, rediss:// or unix://, and no password in it (argv is world-readable)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ValueError(f"--state {redacted_url(url)!r}: expected redis://HOST:PORT/DB, rediss://… or unix://PATH")
+    if parts.password:
+        raise ValueError(f"--state: do not put the Redis password in the URL (every local user can read the command "
+                         f"line); set env {PASSWORD_ENV} or {PASSWORD_FILE_ENV}")
+
+
+def password_from_env() -> str | None:
+    path = os.environ.get(PASSWORD_FILE_ENV)
+    if path:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().strip() or None
+    return os.environ.get(PASSWORD_ENV) or None
+
+
+def default_replica_id() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(2)}"
+
+
+class RedisStore:
+    backend = "redis"
+
+    def __init__(self, url: str, prefix: str = "ampd", replica_id: str | None = None, lock_ttl_s: float = 15.0,
+                 heartbeat_s: float = 1.0, op_timeout_s: float = 1.0, max_events: int = 10_000,
+                 max_pending_writes: int = 100_000, max_stream: int = 100_000) -> None:
+        try:
+            from redis import asyncio as aioredis
+            from redis.exceptions import RedisError
+        except ImportError:
+            raise ValueError("--state redis://… needs redis-py: pip install 'ampd-plugin[router]' (or redis>=5)") from None
+        check_url(url)
+        self.url = redacted_url(url)
+        self.prefix = prefix
+        self.replica_id = replica_id or default_replica_id()
+        self.lock_ttl_ms = max(1000, int(lock_ttl_s * 1000))
+        self.heartbeat_s = heartbeat_s
+        self.max_pending_writes, self.max_stream = max_pending_writes, max_stream
+        password = password_from_env()
+        common = dict(password=password, socket_connect_timeout=op_timeout_s, retry_on_timeout=False)
+        self._redis = aioredis.from_url(url, socket_timeout=op_timeout_s, **common)
+        # The blocking XREAD waits up to one heartbeat: its own connection, with a longer read timeout.
+        self._reader = aioredis.from_url(url, socket_timeout=heartbeat_s + op_timeout_s, **common)
+        self._errors = (RedisError, OSError, asyncio.TimeoutError)
+        self.connected = False
+        self._held: dict[str, str] = {}  # session -> lock token, for locks this replica holds
+        self._writes: dict[str, tuple[bytes, int, int]] = {}  # session -> (record JSON, version, TTL ms)
+        self._unlocks: dict[str, str] = {}  # session -> token, sent after the writes queued before them
+        self._events: deque[bytes] = deque(maxlen=max_events)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+        self._on_event: Callable[[Event], None] = lambda e: None
+        self._on_resync: Callable[[], None] = lambda: None
+        self._last_id: bytes | str | None = None
+        self._replicas = 1
+        self._down_since: float | None = None
+        self.dropped_events = 0  # not sent (Redis down, or the buffer was full)
+        self.dropped_writes = 0  # records not kept while Redis was down (beyond max_pending_writes)
+        self.applied_events = 0
+        self.bad_events = 0
+        self.resyncs = 0
+
+    # ------------------------------------------------------------------------------ lifecycle
+    async def start(self, on_event: Callable[[Event], None], on_resync: Callable[[], None] | None = None) -> None:
+        self._on_event = on_event
+        self._on_resync = on_resync or (lambda: None)
+        try:
+            await self._beat()
+        except self._errors as exc:
+            self._mark_down(exc)
+        if not self.connected:
+            log.warning("state store %s unreachable at start-up: serving from local state until it answers", self.url)
+        else:
+            log.info("state store %s: replica %s, %d replica(s) live", self.url, self.replica_id, self._replicas)
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._heartbeat_loop()), loop.create_task(self._writer_loop()),
+                       loop.create_task(self._reader_loop())]
+
+    async def stop(self) -> None:
+        """Flush what is pending (bounded), leave the replica set, close the connections."""
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        self._tasks.clear()
+        if self.connected:
+            self._unlocks.update(self._held)
+            self._held.clear()
+            with contextlib.suppress(*self._errors):
+                await asyncio.wait_for(self._flush(), 2.0)
+            with contextlib.suppress(*self._errors):
+                await asyncio.wait_for(self._redis.zrem(self._key("replicas"), self.replica_id), 1.0)
+        for client in (self._redis, self._reader):
+            with contextlib.suppress(Exception):
+                await client.aclose()
+
+    # ------------------------------------------------------------------------------ the StateStore API
+    async def enter(self, session_id: str, wait_s: float) -> SessionRecord | None:
+        if session_id in self._unlocks:  # our own unlock is not sent yet: the lock, and the newest record, are ours
+            self._held[session_id] = self._unlocks.pop(session_id)
+            return None
+        if not self.connected:
+            return None
+        token = secrets.token_hex(8)
+        lock, rec = self._key("l", session_id), self._key("s", session_id)
+        deadline = time.monotonic() + max(0.0, wait_s)
+        delay = 0.005
+        while True:
+            try:
+                pipe = self._redis.pipeline(transaction=False)
+                pipe.set(lock, token, nx=True, px=self.lock_ttl_ms)
+                pipe.get(rec)
+                got, raw = await pipe.execute()
+            except self._errors as exc:
+                self._mark_down(exc)
+                return None
+            if got:
+                self._held[session_id] = token
+                return _record(raw)
+            if time.monotonic() + delay > deadline:
+                raise RouterError(409, f"another round of session {session_id!r} is still running (on another router "
+                                       "replica); send the next round when it has finished", "session_busy")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    def leave(self, session_id: str) -> None:
+        token = self._held.pop(session_id, None)
+        if token is not None:
+            self._unlocks[session_id] = token
+            self._wake.set()
+
+    def write(self, session_id: str, record: SessionRecord, ttl_s: float) -> None:
+        self._writes.pop(session_id, None)  # re-inserted last: the oldest pending write is dropped first
+        self._writes[session_id] = (orjson.dumps(dataclasses.asdict(record)), record.version, max(1000, int(ttl_s * 1000)))
+        while len(self._writes) > self.max_pending_writes:
+            self._writes.pop(next(iter(self._writes)))
+            self.dropped_writes += 1
+        self._wake.set()
+
+    def publish(self, event: Event) -> None:
+        if not self.connected:
+            self.dropped_events += 1
+            return
+        if len(self._events) == self._events.maxlen:
+            self.dropped_events += 1
+        self._events.append(orjson.dumps(dataclasses.asdict(event)))
+        self._wake.set()
+
+    def replicas(self) -> int:
+        return self._replicas
+
+    def status(self) -> dict[str, Any]:
+        return {"backend": "redis", "url": self.url, "connected": self.connected, "replica_id": self.replica_id,
+                "replicas": self._replicas, "pending_writes": len(self._writes), "locks_held": len(self._held),
+                "dropped_events": self.dropped_events, "dropped_writes": self.dropped_writes,
+                "down_for_s": round(time.monotonic() - self._down_since, 1) if self._down_since is not None else None,
+                "resyncs": self.resyncs}
+
+    # ------------------------------------------------------------------------------ background work
+    def _key(self, kind: str, session_id: str = "") -> str:
+        return f"{self.prefix}:{kind}:{session_id}" if session_id else f"{self.prefix}:{kind}"
+
+    async def _beat(self) -> None:
+        """Heartbeat: announce this replica, prune dead ones, count them, renew held locks."""
+        now = time.time()
+        key = self._key("replicas")
+        pipe = self._redis.pipeline(transaction=False)
+        pipe.zadd(key, {self.replica_id: now})
+        pipe.zremrangebyscore(key, "-inf", now - 5 * self.heartbeat_s)
+        pipe.zcard(key)
+        pipe.pexpire(key, int(60_000 + 10_000 * self.heartbeat_s))
+        for sid, token in list(self._held.items()):
+            pipe.eval(_RENEW, 1, self._key("l", sid), token, self.lock_ttl_ms)
+        results = await pipe.execute()
+        self._replicas = max(1, int(results[2]))
+        if not self.connected:
+            self._mark_up()
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_s)
+            try:
+                await self._beat()
+            except self._errors as exc:
+                self._mark_down(exc)
+
+    async def _writer_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            if self.connected:
+                try:
+                    await self._flush()
+                except self._errors as exc:
+                    self._mark_down(exc)
+
+    async def _flush(self) -> None:
+        writes, self._writes = self._writes, {}
+        unlocks, self._unlocks = self._unlocks, {}
+        events = list(self._events)
+        self._events.clear()
+        if not (writes or unlocks or events):
+            return
+        pipe = self._redis.pipeline(transaction=False)
+        for sid, (payload, version, ttl_ms) in writes.items():  # records first: an unlock never overtakes its write
+            pipe.eval(_WRITE_IF_NEWER, 1, self._key("s", sid), payload, version, ttl_ms)
+        for sid, token in unlocks.items():
+            pipe.eval(_RELEASE, 1, self._key("l", sid), token)
+        stream = self._key("ev")
+        for payload in events:
+            pipe.xadd(stream, {"r": self.replica_id, "d": payload}, maxlen=self.max_stream, approximate=True)
+        try:
+            await pipe.execute()
+        except BaseException:
+            for sid, w in writes.items():  # kept for the resync; a newer write of the session wins
+                self._writes.setdefault(sid, w)
+            for sid, token in unlocks.items():  # a compare-and-delete is safe to send late
+                self._unlocks.setdefault(sid, token)
+            self.dropped_events += len(events)
+            raise
+
+    async def _reader_loop(self) -> None:
+        me = self.replica_id.encode()
+        stream = self._key("ev")
+        while True:
+            if not self.connected:
+                await asyncio.sleep(self.heartbeat_s)
+                continue
+            try:
+                if self._last_id is None:  # start at the stream's end: older events are history
+                    last = await self._reader.xrevrange(stream, count=1)
+                    self._last_id = last[0][0] if last else "0-0"
+                got = await self._reader.xread({stream: self._last_id}, count=500, block=int(self.heartbeat_s * 1000))
+            except self._errors as exc:
+                self._mark_down(exc)
+                continue
+            for _name, entries in got or ():
+                for entry_id, fields in entries:
+                    self._last_id = entry_id
+                    if fields.get(b"r") == me:
+                        continue
+                    event = _event(fields.get(b"d"))
+                    if event is None:
+                        self.bad_events += 1
+                        continue
+                    try:
+                        self._on_event(event)
+                        self.applied_events += 1
+                    except Exception:  # one bad event must not stop the replica from following the others
+                        self.bad_events += 1
+                        log.exception("could not apply a state event from another replica")
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self.connected or self._down_since is None:
+            log.warning("state store %s unreachable (%s): serving from local state; %d session write(s) pending",
+                        self.url, type(exc).__name__, len(self._writes))
+            self._down_since = time.monotonic()
+        self.connected = False
+
+    def _mark_up(self) -> None:
+        was_down = self._down_since is not None
+        self.connected = True
+        self._last_id = None  # a restarted Redis has a new stream
+        if was_down:
+            self.resyncs += 1
+            log.warning("state store %s reachable again after %.1f s: resynchronising %d session record(s)",
+                        self.url, time.monotonic() - self._down_since, len(self._writes))
+            self._down_since = None
+            self._on_resync()
+        self._wake.set()
+
+
+def _record(raw: bytes | None) -> SessionRecord | None:
+    if not raw:
+        return None
+    try:
+        data = orjson.loads(raw)
+        rec = SessionRecord(**{k: v for k, v in data.items() if k in _RECORD_FIELDS})
+        if rec.resident_until is None:
+            rec.resident_until = math.inf
+        return rec
+    except (orjson.JSONDecodeError, TypeError, AttributeError):
+        log.warning("ignoring an unreadable session record in the state store")
+        return None
+
+
+def _event(raw: bytes | None) -> Event | None:
+    try:
+        data = orjson.loads(raw or b"")
+        event = Event(**{k: v for k, v in data.items() if k in _EVENT_FIELDS})
+        if event.kind not in ("ttft", "itl", "kv"):
+            return None
+        return dataclasses.replace(event, at=math.inf if event.at is None else float(event.at), value=float(event.value))
+    except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError):
+        return None
