@@ -13,17 +13,14 @@ import http.client
 import json
 import os
 import signal
-import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
+from ampd_plugin.local_redis import RedisServer
 from test_router_real import RouterProc, answer, chat_body, post  # noqa: E402 - rootdir mode
 
-sys.path.insert(0, str(Path(__file__).parent.parent / "unit"))
-from redis_server import RedisServer  # noqa: E402
 
 pytestmark = pytest.mark.integration
 

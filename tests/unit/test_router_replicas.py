@@ -18,9 +18,9 @@ from pathlib import Path
 
 import aiohttp
 import pytest
-from redis_server import RedisServer
 from router_fakes import MODEL, RouterHarness, answer_tokens, prompt_key, run
 
+from ampd_plugin.local_redis import RedisServer
 from ampd_plugin.localcluster import free_port
 from ampd_plugin.router.redis_store import check_url, redacted_url
 

@@ -1,4 +1,6 @@
-"""A real Redis server for tests: Debian's `redis-server` on a free 127.0.0.1 port, no persistence, stopped by PID."""
+"""A throw-away Redis server on this machine: Debian's `redis-server` on a free 127.0.0.1 port, no persistence,
+stopped by PID. Router replicas share state through Redis; the tests and the replica benchmark need a real one
+that nothing else uses (`redis-py` and the server binary come with the router extra / `make setup`)."""
 
 from __future__ import annotations
 
