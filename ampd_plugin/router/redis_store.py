@@ -10,10 +10,11 @@ and the events are one capped stream that every replica reads.
     {prefix}:ev            the event stream (XADD MAXLEN ~ max_stream), read with XREAD BLOCK
     {prefix}:replicas      live replicas: sorted set of replica id -> last heartbeat (wall clock)
 
-Nothing on the hot path waits for Redis except `enter` (one round trip: lock and record in one pipeline).
-Record writes, unlocks and events go into bounded buffers that one writer task sends in pipelines; writes
-are coalesced per session (the newest wins) and kept while Redis is down, so when it comes back the records
-are resynchronised. While Redis is unreachable the router serves from its local state: `enter` takes only
+Nothing on the hot path waits for Redis except `enter` (one round trip: a script takes the lock and reads
+the record). Record writes, unlocks and events go into bounded buffers that one writer task sends as one
+script call per flush (the events of a flush are one stream entry); writes are coalesced per session (the
+newest wins) and kept while Redis is down, so when it comes back the records are resynchronised. Both
+scripts are sent by SHA (redis-py loads them again after a Redis restart). While Redis is unreachable the router serves from its local state: `enter` takes only
 the in-process lock, events are dropped (counted), `/health` and `ampd_router_state_connected` say so.
 """
 
@@ -41,18 +42,41 @@ log = logging.getLogger("ampd.router.state")
 
 PASSWORD_ENV = "AMPD_REDIS_PASSWORD"
 PASSWORD_FILE_ENV = "AMPD_REDIS_PASSWORD_FILE"
-_RELEASE = "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) else return 0 end"
 _RENEW = ("if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('pexpire', KEYS[1], ARGV[2]) "
           "else return 0 end")
-# Records are written under the session lock, so versions only grow; after an outage two replicas may
-# both resend one session's record: the higher version wins, whichever arrives last.
-_WRITE_IF_NEWER = ("local cur = redis.call('get', KEYS[1]) "
-                   "if cur then local ok, old = pcall(cjson.decode, cur) "
-                   "if ok and type(old) == 'table' and tonumber(old['version']) and tonumber(old['version']) >= tonumber(ARGV[2]) "
-                   "then return 0 end end "
-                   "redis.call('set', KEYS[1], ARGV[1], 'PX', ARGV[3]) return 1")
+# One round trip to enter a session: take its lock (SET NX PX) and, if taken, read its record.
+_ENTER = ("if redis.call('set', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then "
+          "return {1, redis.call('get', KEYS[2])} end return {0}")
+# One round trip per flush. KEYS: n record keys, then m lock keys, then the stream.
+# ARGV: n, m, the replica id, the stream's MAXLEN, the event bundle ('' = none), then (record, version, TTL ms)
+# per record, then one token per lock. Records are written under the session lock, so versions only grow;
+# after an outage two replicas may both resend one session's record: the higher version wins, whichever
+# arrives last. Records go before the unlocks, so an unlock never overtakes its write.
+_COMMIT = """
+local n, m = tonumber(ARGV[1]), tonumber(ARGV[2])
+for i = 1, n do
+  local payload, version, ttl = ARGV[3 + 3 * i], tonumber(ARGV[4 + 3 * i]), ARGV[5 + 3 * i]
+  local cur = redis.call('get', KEYS[i])
+  local newer = true
+  if cur then
+    local ok, old = pcall(cjson.decode, cur)
+    if ok and type(old) == 'table' and tonumber(old['version']) and tonumber(old['version']) >= version then
+      newer = false
+    end
+  end
+  if newer then redis.call('set', KEYS[i], payload, 'PX', ttl) end
+end
+for j = 1, m do
+  if redis.call('get', KEYS[n + j]) == ARGV[5 + 3 * n + j] then redis.call('del', KEYS[n + j]) end
+end
+if ARGV[5] ~= '' then
+  redis.call('xadd', KEYS[n + m + 1], 'MAXLEN', '~', ARGV[4], '*', 'r', ARGV[3], 'd', ARGV[5])
+end
+return n + m
+"""
+_MAX_BATCH = 256  # records + unlocks per script call: keeps each call short for Redis's single thread
 _RECORD_FIELDS = {f.name for f in dataclasses.fields(SessionRecord)}
-_EVENT_FIELDS = {f.name for f in dataclasses.fields(Event)}
+_EVENT_KINDS = ("ttft", "itl", "kv")
 
 
 def redacted_url(url: str) -> str:
@@ -111,6 +135,8 @@ class RedisStore:
         # The blocking XREAD waits up to one heartbeat: its own connection, with a longer read timeout.
         self._reader = aioredis.from_url(url, socket_timeout=heartbeat_s + op_timeout_s, **common)
         self._errors = (RedisError, OSError, asyncio.TimeoutError)
+        self._enter_script = self._redis.register_script(_ENTER)
+        self._commit_script = self._redis.register_script(_COMMIT)
         self.connected = False
         self._held: dict[str, str] = {}  # session -> lock token, for locks this replica holds
         self._writes: dict[str, tuple[bytes, int, int]] = {}  # session -> (record JSON, version, TTL ms)
@@ -177,16 +203,13 @@ class RedisStore:
         delay = 0.005
         while True:
             try:
-                pipe = self._redis.pipeline(transaction=False)
-                pipe.set(lock, token, nx=True, px=self.lock_ttl_ms)
-                pipe.get(rec)
-                got, raw = await pipe.execute()
+                got = await self._enter_script(keys=[lock, rec], args=[token, self.lock_ttl_ms])
             except self._errors as exc:
                 self._mark_down(exc)
                 return None
-            if got:
+            if got and got[0] == 1:
                 self._held[session_id] = token
-                return _record(raw)
+                return _record(got[1] if len(got) > 1 else None)
             if time.monotonic() + delay > deadline:
                 raise RouterError(409, f"another round of session {session_id!r} is still running (on another router "
                                        "replica); send the next round when it has finished", "session_busy")
@@ -201,7 +224,7 @@ class RedisStore:
 
     def write(self, session_id: str, record: SessionRecord, ttl_s: float) -> None:
         self._writes.pop(session_id, None)  # re-inserted last: the oldest pending write is dropped first
-        self._writes[session_id] = (orjson.dumps(dataclasses.asdict(record)), record.version, max(1000, int(ttl_s * 1000)))
+        self._writes[session_id] = (orjson.dumps(record), record.version, max(1000, int(ttl_s * 1000)))
         while len(self._writes) > self.max_pending_writes:
             self._writes.pop(next(iter(self._writes)))
             self.dropped_writes += 1
@@ -213,7 +236,7 @@ class RedisStore:
             return
         if len(self._events) == self._events.maxlen:
             self.dropped_events += 1
-        self._events.append(orjson.dumps(dataclasses.asdict(event)))
+        self._events.append(orjson.dumps(event))  # orjson encodes dataclasses natively (asdict is slow)
         self._wake.set()
 
     def replicas(self) -> int:
@@ -271,23 +294,28 @@ class RedisStore:
         self._events.clear()
         if not (writes or unlocks or events):
             return
-        pipe = self._redis.pipeline(transaction=False)
-        for sid, (payload, version, ttl_ms) in writes.items():  # records first: an unlock never overtakes its write
-            pipe.eval(_WRITE_IF_NEWER, 1, self._key("s", sid), payload, version, ttl_ms)
-        for sid, token in unlocks.items():
-            pipe.eval(_RELEASE, 1, self._key("l", sid), token)
-        stream = self._key("ev")
-        for payload in events:
-            pipe.xadd(stream, {"r": self.replica_id, "d": payload}, maxlen=self.max_stream, approximate=True)
         try:
-            await pipe.execute()
+            items = [("w", sid, w) for sid, w in writes.items()] + [("u", sid, t) for sid, t in unlocks.items()]
+            bundle = b"[" + b",".join(events) + b"]" if events else b""
+            for start in range(0, max(1, len(items)), _MAX_BATCH):
+                await self._commit(items[start:start + _MAX_BATCH], bundle if start == 0 else b"")
         except BaseException:
             for sid, w in writes.items():  # kept for the resync; a newer write of the session wins
                 self._writes.setdefault(sid, w)
-            for sid, token in unlocks.items():  # a compare-and-delete is safe to send late
+            for sid, token in unlocks.items():  # a compare-and-delete is safe to send again
                 self._unlocks.setdefault(sid, token)
             self.dropped_events += len(events)
             raise
+
+    async def _commit(self, items: list[tuple[str, str, Any]], bundle: bytes) -> None:
+        recs = [(sid, w) for kind, sid, w in items if kind == "w"]
+        locks = [(sid, t) for kind, sid, t in items if kind == "u"]
+        keys = [self._key("s", sid) for sid, _ in recs] + [self._key("l", sid) for sid, _ in locks] + [self._key("ev")]
+        args: list[Any] = [len(recs), len(locks), self.replica_id, self.max_stream, bundle]
+        for _sid, (payload, version, ttl_ms) in recs:
+            args += [payload, version, ttl_ms]
+        args += [token for _sid, token in locks]
+        await self._commit_script(keys=keys, args=args)
 
     async def _reader_loop(self) -> None:
         me = self.replica_id.encode()
@@ -309,16 +337,16 @@ class RedisStore:
                     self._last_id = entry_id
                     if fields.get(b"r") == me:
                         continue
-                    event = _event(fields.get(b"d"))
-                    if event is None:
-                        self.bad_events += 1
-                        continue
-                    try:
-                        self._on_event(event)
-                        self.applied_events += 1
-                    except Exception:  # one bad event must not stop the replica from following the others
-                        self.bad_events += 1
-                        log.exception("could not apply a state event from another replica")
+                    for event in _events(fields.get(b"d")):
+                        if event is None:
+                            self.bad_events += 1
+                            continue
+                        try:
+                            self._on_event(event)
+                            self.applied_events += 1
+                        except Exception:  # one bad event must not stop the replica from following the others
+                            self.bad_events += 1
+                            log.exception("could not apply a state event from another replica")
 
     def _mark_down(self, exc: BaseException) -> None:
         if self.connected or self._down_since is None:
@@ -354,12 +382,23 @@ def _record(raw: bytes | None) -> SessionRecord | None:
         return None
 
 
-def _event(raw: bytes | None) -> Event | None:
+def _events(raw: bytes | None) -> list[Event | None]:
+    """The events of one stream entry (a JSON array; None for each one that is unreadable)."""
     try:
-        data = orjson.loads(raw or b"")
-        event = Event(**{k: v for k, v in data.items() if k in _EVENT_FIELDS})
-        if event.kind not in ("ttft", "itl", "kv"):
+        items = orjson.loads(raw or b"")
+    except orjson.JSONDecodeError:
+        return [None]
+    if not isinstance(items, list):
+        return [None]
+    return [_event(item) for item in items[:10_000]]
+
+
+def _event(d: Any) -> Event | None:
+    try:
+        if d["kind"] not in _EVENT_KINDS:
             return None
-        return dataclasses.replace(event, at=math.inf if event.at is None else float(event.at), value=float(event.value))
-    except (orjson.JSONDecodeError, TypeError, AttributeError, ValueError):
+        at = d.get("at")
+        return Event(d["kind"], d.get("worker"), float(d.get("value") or 0.0), math.inf if at is None else float(at),
+                     str(d.get("session") or ""), bool(d.get("explicit")))
+    except (TypeError, AttributeError, ValueError, KeyError):
         return None

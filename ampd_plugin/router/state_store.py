@@ -36,7 +36,7 @@ class SessionRecord:
     held_digest: str = ""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Event:
     """One change another replica must apply: a latency sample or a KV-ledger entry."""
 
