@@ -116,7 +116,7 @@ class RedisStore:
 
     def __init__(self, url: str, prefix: str = "ampd", replica_id: str | None = None, lock_ttl_s: float = 15.0,
                  heartbeat_s: float = 1.0, op_timeout_s: float = 1.0, max_events: int = 10_000,
-                 max_pending_writes: int = 100_000, max_stream: int = 100_000) -> None:
+                 max_pending_writes: int = 100_000, max_stream: int = 100_000, flush_window_s: float = 0.002) -> None:
         try:
             from redis import asyncio as aioredis
             from redis.exceptions import RedisError
@@ -128,6 +128,7 @@ class RedisStore:
         self.replica_id = replica_id or default_replica_id()
         self.lock_ttl_ms = max(1000, int(lock_ttl_s * 1000))
         self.heartbeat_s = heartbeat_s
+        self.flush_window_s = flush_window_s
         self.max_pending_writes, self.max_stream = max_pending_writes, max_stream
         password = password_from_env()
         common = dict(password=password, socket_connect_timeout=op_timeout_s, retry_on_timeout=False)
@@ -280,6 +281,8 @@ class RedisStore:
     async def _writer_loop(self) -> None:
         while True:
             await self._wake.wait()
+            # A short gather window: a round's records, unlock and events (and other rounds') go in one call
+            await asyncio.sleep(self.flush_window_s)
             self._wake.clear()
             if self.connected:
                 try:
@@ -321,13 +324,19 @@ class RedisStore:
         me = self.replica_id.encode()
         stream = self._key("ev")
         while True:
-            if not self.connected:
+            try:
+                if self.connected and self._last_id is None:  # start at the stream's end: older events are history
+                    last = await self._reader.xrevrange(stream, count=1)
+                    self._last_id = last[0][0] if last else "0-0"
+            except self._errors as exc:
+                self._mark_down(exc)
+                continue
+            if not self.connected or self._replicas <= 1:
+                # Alone, the stream holds only our own events: no need to read them. The position is kept,
+                # so when another replica shows up (next heartbeat) its first events are read too.
                 await asyncio.sleep(self.heartbeat_s)
                 continue
             try:
-                if self._last_id is None:  # start at the stream's end: older events are history
-                    last = await self._reader.xrevrange(stream, count=1)
-                    self._last_id = last[0][0] if last else "0-0"
                 got = await self._reader.xread({stream: self._last_id}, count=500, block=int(self.heartbeat_s * 1000))
             except self._errors as exc:
                 self._mark_down(exc)
