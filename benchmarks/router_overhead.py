@@ -114,6 +114,30 @@ def wait_ready(url: str, timeout: float = 60) -> None:
     raise RuntimeError(f"{url} not ready after {timeout}s")
 
 
+def points(names: list[str], reps: int, concurrency: list[int]):
+    """(rep, stream, c, target) in the benchmark's order: each repetition rotates the targets, so none is
+    always measured first (or last) on a drifting machine."""
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for stream in (False, True):
+            for c in concurrency:
+                for name in order:
+                    yield rep, stream, c, name
+
+
+def stop_processes(procs: list[subprocess.Popen]) -> None:
+    """SIGTERM each process group, then SIGKILL what is still running after 10 s."""
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait(5)
+
+
 # ------------------------------------------------------------------------------------------ load client
 async def run_point(url: str, stream: bool, concurrency: int, n: int, warmup: int) -> dict:
     import aiohttp
@@ -327,28 +351,15 @@ def main() -> int:
             os.sched_setaffinity(0, {client_cpu})
         import uvloop
 
-        names = list(targets)
-        for rep in range(args.reps):
-            order = names[rep % len(names):] + names[: rep % len(names)]
-            for stream in (False, True):
-                for c in args.concurrency:
-                    for name in order:
-                        r = uvloop.run(run_point(targets[name], stream, c, args.requests, args.warmup))
-                        r.update(target=name, rep=rep, stream=stream, concurrency=c)
-                        results.append(r)
-                        print(f"rep {rep} {'stream' if stream else 'json  '} c={c:<3} {name:<12} "
-                              f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['req_s']:8.0f} req/s  "
-                              f"errors {r['errors']}", flush=True)
+        for rep, stream, c, name in points(list(targets), args.reps, args.concurrency):
+            r = uvloop.run(run_point(targets[name], stream, c, args.requests, args.warmup))
+            r.update(target=name, rep=rep, stream=stream, concurrency=c)
+            results.append(r)
+            print(f"rep {rep} {'stream' if stream else 'json  '} c={c:<3} {name:<12} "
+                  f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['req_s']:8.0f} req/s  "
+                  f"errors {r['errors']}", flush=True)
     finally:
-        for p in procs:
-            with_pg = os.getpgid(p.pid) if p.poll() is None else None
-            if with_pg is not None:
-                os.killpg(with_pg, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+        stop_processes(procs)
 
     summary = summarize(results, list(targets))
     print_summary(summary)
@@ -454,36 +465,23 @@ def run_replicas(args, tokenizer: str | None) -> int:
         for target_urls in urls.values():
             for url in target_urls:
                 wait_ready(url + "/health", timeout=120)
-        names = list(REPLICA_TARGETS)
-        for rep in range(args.reps):
-            order = names[rep % len(names):] + names[: rep % len(names)]
-            for stream in (False, True):
-                for c in args.concurrency:
-                    for name in order:
-                        before = [cpu_seconds(p) for p in pids[name]], cpu_seconds(redis_srv.proc.pid)
-                        r = uvloop.run(run_sessions(urls[name], stream, c, args.requests, args.warmup,
-                                                    tag=f"{name}-r{rep}-{int(stream)}-c{c}",
-                                                    alternate=name.endswith("-alt")))
-                        # CPU per measured round (warm-up rounds included in the counters: a small overcount)
-                        rounds = max(1, r["ok"] + args.warmup)
-                        r["router_cpu_us"] = sum(cpu_seconds(p) - b for p, b in zip(pids[name], before[0])) / rounds * 1e6
-                        r["redis_cpu_us"] = (cpu_seconds(redis_srv.proc.pid) - before[1]) / rounds * 1e6
-                        r.update(target=name, rep=rep, stream=stream, concurrency=c)
-                        results.append(r)
-                        print(f"rep {rep} {'stream' if stream else 'json  '} c={c:<3} {name:<13} "
-                              f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['req_s']:7.0f} req/s  "
-                              f"router {r['router_cpu_us']:5.0f} us/round  redis {r['redis_cpu_us']:4.0f} us/round  "
-                              f"errors {r['errors']}", flush=True)
+        for rep, stream, c, name in points(list(REPLICA_TARGETS), args.reps, args.concurrency):
+            before = [cpu_seconds(p) for p in pids[name]], cpu_seconds(redis_srv.proc.pid)
+            r = uvloop.run(run_sessions(urls[name], stream, c, args.requests, args.warmup,
+                                        tag=f"{name}-r{rep}-{int(stream)}-c{c}",
+                                        alternate=name.endswith("-alt")))
+            # CPU per measured round (warm-up rounds included in the counters: a small overcount)
+            rounds = max(1, r["ok"] + args.warmup)
+            r["router_cpu_us"] = sum(cpu_seconds(p) - b for p, b in zip(pids[name], before[0])) / rounds * 1e6
+            r["redis_cpu_us"] = (cpu_seconds(redis_srv.proc.pid) - before[1]) / rounds * 1e6
+            r.update(target=name, rep=rep, stream=stream, concurrency=c)
+            results.append(r)
+            print(f"rep {rep} {'stream' if stream else 'json  '} c={c:<3} {name:<13} "
+                  f"p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  {r['req_s']:7.0f} req/s  "
+                  f"router {r['router_cpu_us']:5.0f} us/round  redis {r['redis_cpu_us']:4.0f} us/round  "
+                  f"errors {r['errors']}", flush=True)
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait(5)
+        stop_processes(procs)
         redis_srv.stop()
         for q in quotas:
             q.remove()
