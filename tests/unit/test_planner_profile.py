@@ -161,6 +161,18 @@ def test_steady_step_time_leaves_out_streams_that_arrived_in_one_burst():
         steady_step_time([burst, burst], tokens=4)
 
 
+def test_steady_step_time_ignores_a_burst_held_back_at_the_start():
+    # 8 tokens at 0.1 s, but the first five reached the client together at 0.4 s: the step is still 0.1 s,
+    # not (0.7 - 0.4) / 7.
+    held = [0.4, 0.4, 0.4, 0.4, 0.4, 0.5, 0.6, 0.7]
+    assert steady_step_time([held], tokens=8) == pytest.approx(0.1)
+    # Almost all of a stream in its opening burst shows too little to measure.
+    from ampd_plugin.planner.profile import CoalescedStreams
+
+    with pytest.raises(CoalescedStreams):
+        steady_step_time([[0.4] * 7 + [0.5]], tokens=8)
+
+
 class _BurstyEngine:
     """Every stream arrives in one write at its end: TTFT 0.2 s, then 0.05 s per further token."""
 
