@@ -317,14 +317,11 @@ _SAME_READ_S = 5e-4  # chunks closer than this arrived in one read of the socket
 
 
 def _stream_step(times: Sequence[float], tokens: int) -> float | None:
-    """One stream's step time, or None when its arrival times do not show it.
-
-    A stream whose tokens all arrived at one instant shows nothing (the API server or the client was
-    descheduled for its whole decode). One whose first tokens arrived together was held back at its start:
-    those tokens were decoded before the first arrival, so only the tokens after that burst, over the time
-    after it, measure the step (timing them from the first arrival would make a 30-token stream with a
-    27-token burst look ten times faster than it ran). Needs one time per token to tell; at least a quarter
-    of the stream must come after the burst."""
+    """One stream's step time, or None when its arrival times do not show it (all at one instant: the API
+    server or client was descheduled for the whole decode). A stream whose first tokens arrived together was
+    held back at its start: only the tokens after that burst, over the time after it, measure the step
+    (from the first arrival, a 27-token burst of 30 would look ten times faster). Needs one time per token;
+    at least a quarter of the stream must follow the burst."""
     if times[-1] <= times[0]:
         return None
     if len(times) < tokens:  # the server put several tokens in a chunk: only the whole span is known
