@@ -78,7 +78,7 @@ class RoundAccounting:
             self.first_token(ctx, t_first, ctx.ttft_source or "stream")
         ttft = ctx.ttft
         tpot = slo.tpot(t_first, t_last, n_out) if (t_first is not None and t_last is not None) else None
-        if ok and tpot is not None:
+        if ok and tpot is not None and not ctx.failovers:  # a failed-over stream's gap is not a step time
             self.cluster.record_itl(ctx.decode, now, tpot)
             self.policy.on_metrics(ctx.decode, "itl", tpot, now)
             if self.on_sample is not None:
@@ -118,5 +118,5 @@ class RoundAccounting:
                 "queue_wait_ms": round(ctx.queue_wait * 1e3, 3),
                 "ttft_ms": round(ttft * 1e3, 3) if ttft is not None else None, "ttft_source": ctx.ttft_source or None,
                 "tpot_ms": round(tpot * 1e3, 3) if tpot is not None else None,
-                "out_tokens": n_out, "ok": ok,
+                "out_tokens": n_out, "ok": ok, "failovers": ctx.failovers or None,
             }).decode())

@@ -77,11 +77,14 @@ class _GreedyOption(click.Option):
               help="Share sessions, KV residency and worker measurements with other router replicas through this "
                    "Redis (password: env AMPD_REDIS_PASSWORD or AMPD_REDIS_PASSWORD_FILE). Default: this process only.")
 @click.option("--replica-id", default=None, help="This replica's name in the shared state (default: host-pid-random).")
+@click.option("--failover-limit", type=click.IntRange(min=0), default=None,
+              help="A stream whose decode worker dies or stalls mid-round continues on another decode worker at "
+                   "most this often per request [default: 1; 0: the client gets an SSE error event].")
 @click.option("--log-level", default=None, type=click.Choice(["debug", "info", "warning", "error"]))
 @click.pass_context
 def route(ctx, prefill, decode, engine, bootstrap_ports, policy, params, kv_connector, ttft_slo, itl_slo, host, port, config_file,
           api_key, api_key_file, tokenizer, model, profile, cost_model, gpu, balanced_pd_share, refit_online, refit_out,
-          state, replica_id, log_level) -> None:
+          state, replica_id, failover_limit, log_level) -> None:
     """Run the multi-round-aware OpenAI-compatible router (binds 127.0.0.1 unless told otherwise)."""
     key_on_argv = api_key is not None and ctx.get_parameter_source("api_key") == click.core.ParameterSource.COMMANDLINE
     if api_key_file:
@@ -99,7 +102,7 @@ def route(ctx, prefill, decode, engine, bootstrap_ports, policy, params, kv_conn
             "itl_slo": itl_slo, "host": host, "port": port, "api_key": api_key, "tokenizer": tokenizer,
             "model": model, "profile": profile, "cost_model": cost_model, "gpu": gpu,
             "balanced_pd_share": balanced_pd_share, "refit_online": refit_online, "refit_out": refit_out,
-            "state": state, "replica_id": replica_id, "log_level": log_level,
+            "state": state, "replica_id": replica_id, "failover_limit": failover_limit, "log_level": log_level,
         })
         cfg.validate()
     except ValueError as exc:

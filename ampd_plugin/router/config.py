@@ -57,11 +57,16 @@ class RouterConfig:
     upstream_timeout_s: float = 600.0  # whole request
     read_timeout_s: float = 120.0  # silence of a non-streaming decode request (its whole generation)
     stall_timeout_s: float = 30.0  # silence of a stream or a prefill: the request fails, its slot frees
+    # A stream that breaks or stalls mid-round continues on another decode worker at most this often per
+    # request (router/failover.py); 0 = the client gets an error event instead.
+    failover_limit: int = 1
     # Outlier ejection (router/outliers.py).
     eject_after_failures: int = 3  # consecutive failed requests (5xx, timeout, stall) that eject a worker
     eject_base_s: float = 10.0  # first ejection's back-off; doubles per ejection in a row
     eject_max_s: float = 300.0
     session_ttl_s: float = 1800.0  # a session idle this long is forgotten (its binding and prompt go)
+    max_sessions: int = 100_000  # beyond: the least recently used idle session is forgotten
+    max_stored_prompt_chars: int = 256 * 2**20  # prompt + output text kept; beyond: oldest kept as digests
     # How long a finished round's KV counts as resident on its decode worker; None = the connector's own
     # retention TTL as each engine reports it (its default, 300 s, until it does). router/ledger.py.
     residency_ttl_s: float | None = None

@@ -8,6 +8,7 @@ from typing import Callable
 from ampd_plugin.connector import params as wire
 from ampd_plugin.router import primitives as prim
 from ampd_plugin.router.sessions import Session
+from ampd_plugin.router.stream_tokens import StreamTokens
 from ampd_plugin.router_policy.state import PrefillTask, Route
 
 
@@ -44,6 +45,11 @@ class RoundCtx:
     recomputed: int = 0  # history tokens the holder reported recomputing for this round's export
     reusable: int | None = None  # tokens of the prompt the decode worker may hold (None: all it holds)
     output: list[str] | None = None  # the generated text, collected for named sessions (bounded)
+    tokens: StreamTokens | None = None  # a continuable stream's token ids (router/failover.py)
+
+    @property
+    def failovers(self) -> int:
+        return self.tokens.failovers if self.tokens is not None else 0
 
     def new_attempt(self) -> None:
         """A retry is a new transfer with a new prefill."""

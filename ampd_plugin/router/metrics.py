@@ -24,6 +24,8 @@ class RouterMetrics:
         self.reorders = Counter(p + "reorderings", "Dispatches where the policy ran a task other than the oldest", ["worker"], registry=r)
         self.kv_bytes = Counter(p + "kv_bytes_moved", "KV bytes moved between workers (estimated from tokens)", ["kind"], registry=r)
         self.errors = Counter(p + "errors", "Errors by kind", ["kind"], registry=r)
+        self.failovers = Counter(p + "stream_failovers", "Streams that broke mid-round, by worker and outcome "
+                                 "(continued elsewhere, no_worker, limit, not_continuable)", ["worker", "outcome"], registry=r)
         self.rebinds = Counter(p + "session_rebinds", "Sessions rebound to another decode worker", ["reason"], registry=r)
         self.sessions = Gauge(p + "sessions", "Sessions remembered by the router", registry=r)
         self.worker_up = Gauge(p + "worker_up", "1 when the worker's health check passes", ["worker", "kind"], registry=r)
@@ -33,8 +35,13 @@ class RouterMetrics:
         self.ejected = Gauge(p + "workers_ejected", "Workers currently ejected by outlier detection", registry=r)
         # State sizes: every table the router keeps, so a leak shows on a dashboard.
         self.bindings = Gauge(p + "bindings", "Session -> decode worker bindings held", ["kind"], registry=r)
-        self.prompt_chars = Gauge(p + "stored_prompt_chars", "Characters of last prompts kept for incremental counting", registry=r)
+        self.prompt_chars = Gauge(p + "stored_prompt_chars", "Characters of last prompts and outputs kept for incremental counting", registry=r)
         self.inflight = Gauge(p + "rounds_in_flight", "Rounds between intake and their accounting", registry=r)
+        # ... and the bounds they are held to, so an operator sees how close each one is to its limit.
+        self.state_limit = Gauge(p + "state_limit", "Bounds of the router's tables: kind=cap (entries or characters) "
+                                 "or ttl_seconds", ["table", "kind"], registry=r)
+        self.state_evictions = Counter(p + "state_evictions", "Entries dropped for a cap (sessions: forgotten; "
+                                       "prompt_text: kept as digests)", ["table"], registry=r)
         # What the KV plane really did (router/ledger.py, router/retention.py).
         self.recomputed = Counter(p + "history_recomputed_tokens", "History tokens a holder recomputed for an export "
                                   "(it no longer cached them)", ["worker"], registry=r)

@@ -32,6 +32,8 @@ _drains: set[asyncio.Task] = set()  # background drains (kept referenced until t
 Finish = Callable[..., None]
 # first_token(ctx, t, source): TTFT recorded the moment the first token arrives (`RoundAccounting.first_token`).
 FirstToken = Callable[[RoundCtx, float, str], None]
+# resume(ctx, failed worker, cause) -> a continuation of the broken stream, or None (`StreamFailover.resume`).
+Resume = Callable[[RoundCtx, str, str], Awaitable[Any]]
 
 
 class Relay:
@@ -45,10 +47,12 @@ class Relay:
 
     def __init__(self, ctx: RoundCtx, resp: aiohttp.ClientResponse, d: WorkerState, *,
                  release: Callable[[RoundCtx], None], finish: Finish, metrics: RouterMetrics,
-                 first_token: FirstToken | None = None, outliers: OutlierDetector | None = None) -> None:
+                 first_token: FirstToken | None = None, outliers: OutlierDetector | None = None,
+                 resume: Resume | None = None) -> None:
         self.ctx, self.resp, self.d = ctx, resp, d
         self._release, self._finish, self._metrics, self._outliers = release, finish, metrics, outliers
         self._first_token = first_token
+        self._resume = resume  # continues a broken stream on another worker (router/failover.py)
         self.saw_done = False  # the engine's `[DONE]` event went through: the answer is complete
         self.n_out = 0
         self.t_first: float | None = None
@@ -58,54 +62,86 @@ class Relay:
         self.usage_tokens: int | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        buf = b""
-        try:
-            async for chunk in self.resp.content.iter_any():
-                buf += chunk
-                if b"\n\n" in buf:
-                    now = time.monotonic()
-                    events = buf.split(b"\n\n")
-                    buf = events.pop()
-                    for ev in events:
-                        if ev.startswith(b"data: [DONE]"):
-                            self.saw_done = True
-                            continue
-                        if b'"completion_tokens":' in ev:  # a usage chunk (client asked include_usage): exact count
-                            m = _COMPLETION_TOKENS.search(ev)
-                            if m:
-                                self.usage_tokens = int(m.group(1))
-                        if is_token_event(ev):
-                            if self.ctx.output is not None:
-                                collect_text(self.ctx, ev)
-                            self.n_out += 1
-                            self.t_last = now
-                            if self.t_first is None:
-                                self.t_first = now
-                                self._release(self.ctx)  # the prefill is over: next task may start
-                                if self._first_token is not None:
-                                    self._first_token(self.ctx, now, "stream")
-                yield chunk
-            if not self.saw_done:
-                # The engine ended a 200 stream without `[DONE]`: garbage, or an answer cut short. The client
-                # must learn it is incomplete, and the worker counts as failing.
-                self._metrics.errors.labels("stream_incomplete").inc()
+        # Events are rewritten only when the router asked the engine for token ids (failover); otherwise
+        # the engine's bytes go out exactly as they came.
+        rewrite: Callable[[bytes], bytes | None] | None = self.ctx.tokens.observe if self.ctx.tokens else None
+        while True:
+            try:
+                async for out in self._events(rewrite):
+                    yield out
+                break
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                stalled = isinstance(exc, asyncio.TimeoutError)
+                kind = "stream_stalled" if stalled else "stream_broken"
+                self._metrics.errors.labels(kind).inc()
                 if self._outliers is not None:
-                    self._outliers.failure(self.d.worker_id, "broken")
-                log.warning("stream from %s ended without [DONE] after %d token events", self.d.worker_id, self.n_out)
-                yield (b'\n\ndata: {"error": {"message": "the decode worker ended its stream without [DONE]; the '
-                       b'answer is incomplete", "type": "upstream_error", "code": "stream_incomplete"}}\n\n')
-                return
-            self.ok = True
+                    self._outliers.failure(self.d.worker_id, "stall" if stalled else "broken")
+                log.warning("stream from %s %s: %r", self.d.worker_id, "stalled" if stalled else "broke", exc)
+                cont = await self._resume(self.ctx, self.d.worker_id, kind) if self._resume is not None else None
+                if cont is None:
+                    yield (b'data: {"error": {"message": "upstream stream broke", "type": "upstream_error", '
+                           b'"code": "stream_broken"}}\n\n')
+                    return
+                self.resp.close()  # the engine, if alive, aborts the request
+                self.d.decoding -= 1
+                self.resp, self.d, rewrite = cont.resp, cont.worker, cont.convert
+                self.d.decoding += 1
+        if not self.saw_done:
+            # The engine ended a 200 stream without `[DONE]`: garbage, or an answer cut short. The client
+            # must learn it is incomplete, and the worker counts as failing.
+            self._metrics.errors.labels("stream_incomplete").inc()
             if self._outliers is not None:
-                self._outliers.success(self.d.worker_id)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            stalled = isinstance(exc, asyncio.TimeoutError)
-            self._metrics.errors.labels("stream_stalled" if stalled else "stream_broken").inc()
-            if self._outliers is not None:
-                self._outliers.failure(self.d.worker_id, "stall" if stalled else "broken")
-            log.warning("stream from %s %s: %r", self.d.worker_id, "stalled" if stalled else "broke", exc)
-            yield (b'data: {"error": {"message": "upstream stream broke", "type": "upstream_error", '
-                   b'"code": "stream_broken"}}\n\n')
+                self._outliers.failure(self.d.worker_id, "broken")
+            log.warning("stream from %s ended without [DONE] after %d token events", self.d.worker_id, self.n_out)
+            yield (b'\n\ndata: {"error": {"message": "the decode worker ended its stream without [DONE]; the '
+                   b'answer is incomplete", "type": "upstream_error", "code": "stream_incomplete"}}\n\n')
+            return
+        self.ok = True
+        if self._outliers is not None:
+            self._outliers.success(self.d.worker_id)
+
+    async def _events(self, rewrite: Callable[[bytes], bytes | None] | None) -> AsyncIterator[bytes]:
+        """The current upstream's body, passed through (or rewritten event by event), with token timing."""
+        buf = b""
+        async for chunk in self.resp.content.iter_any():
+            buf += chunk
+            if b"\n\n" not in buf:
+                if rewrite is None:
+                    yield chunk
+                continue
+            now = time.monotonic()
+            events = buf.split(b"\n\n")
+            buf = events.pop()
+            kept: list[bytes] | None = [] if rewrite is not None else None
+            for ev in events:
+                if rewrite is not None:
+                    ev = rewrite(ev)
+                    if ev is None:
+                        continue
+                    kept.append(ev)
+                if ev.startswith(b"data: [DONE]"):
+                    self.saw_done = True
+                    continue
+                if b'"completion_tokens":' in ev:  # a usage chunk (client asked include_usage): exact count
+                    m = _COMPLETION_TOKENS.search(ev)
+                    if m:
+                        self.usage_tokens = int(m.group(1))
+                if is_token_event(ev):
+                    if self.ctx.output is not None:
+                        collect_text(self.ctx, ev)
+                    self.n_out += 1
+                    self.t_last = now
+                    if self.t_first is None:
+                        self.t_first = now
+                        self._release(self.ctx)  # the prefill is over: next task may start
+                        if self._first_token is not None:
+                            self._first_token(self.ctx, now, "stream")
+            if kept is None:
+                yield chunk
+            elif kept:
+                yield b"\n\n".join(kept) + b"\n\n"
+        if buf and rewrite is not None:
+            yield buf  # a trailing partial event, as the engine sent it
 
     def close(self) -> None:
         if self.closed:

@@ -21,6 +21,7 @@ from ampd_plugin.costmodel import CostModel
 from ampd_plugin.router import primitives as prim
 from ampd_plugin.router.accounting import RoundAccounting
 from ampd_plugin.router.context import RoundCtx
+from ampd_plugin.router.failover import StreamFailover
 from ampd_plugin.router.metrics import RouterMetrics
 from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.relay import Relay, RelayResponse
@@ -34,7 +35,7 @@ _JSON = "application/json"
 class RoundIO:
     def __init__(self, eps: dict[str, Endpoint], upstreams: Upstreams, cluster: ClusterState, queues: PrefillQueues,
                  metrics: RouterMetrics, accounting: RoundAccounting, cost_model: CostModel,
-                 outliers: OutlierDetector, stall_timeout_s: float) -> None:
+                 outliers: OutlierDetector, stall_timeout_s: float, failover: StreamFailover | None = None) -> None:
         self.eps, self.upstreams, self.cluster, self.queues = eps, upstreams, cluster, queues
         self.metrics, self.accounting, self.cost_model = metrics, accounting, cost_model
         # Every engine answer is reported to the outlier detector; streams and prefills may be silent
@@ -42,6 +43,12 @@ class RoundIO:
         # whole-request timeout).
         self.outliers = outliers
         self._stall_timeout = upstreams.with_read_timeout(stall_timeout_s)
+        self.failover = failover  # continues a stream whose decode worker broke mid-round
+
+    def continuable(self, ctx: RoundCtx, body: dict) -> None:
+        """Make a streamed generate request one that can fail over mid-stream (vLLM workers)."""
+        if self.failover is not None and ctx.stream:
+            self.failover.prepare(ctx, body)
 
     def url(self, worker_id: str) -> str:
         return self.eps[worker_id].url
@@ -103,7 +110,8 @@ class RoundIO:
         if ctx.stream:
             ctx.relay_started = True
             relay = Relay(ctx, resp, d, release=self.release, finish=self.accounting.finish, metrics=self.metrics,
-                          first_token=self.accounting.first_token, outliers=self.outliers)
+                          first_token=self.accounting.first_token, outliers=self.outliers,
+                          resume=self.failover.resume if self.failover is not None and ctx.tokens is not None else None)
             return RelayResponse(relay, headers=headers, media_type=resp.headers.get("content-type", "text/event-stream"))
         timer = None
         if not ctx.released and ctx.plan.queue_worker == step.worker:

@@ -33,7 +33,8 @@ from ampd_plugin.router.queues import PrefillQueues
 from ampd_plugin.router.replication import Replication
 from ampd_plugin.router.round_io import RoundIO
 from ampd_plugin.router.session_lock import SessionLocks
-from ampd_plugin.router.sessions import SESSION_BODY_FIELDS, PromptCounter, SessionStore, session_identity
+from ampd_plugin.router.sessions import (SESSION_BODY_FIELDS, PromptCounter, SessionStore, SessionTableFull,
+                                         session_identity)
 from ampd_plugin.router.upstream import UpstreamTimeout, WorkerDown, WorkerFailed, upstream_error
 from ampd_plugin.router_policy.state import ClusterState, PrefillTask
 
@@ -122,7 +123,11 @@ class RoundRunner:
                               "context_length_exceeded", field)
         reusable = await self._reusable(session, prompt, counter) if session.resident_tokens else None
         counter.remember(session, prompt, n)
-        self.sessions.admit(session)
+        try:
+            self.sessions.admit(session)
+        except SessionTableFull:
+            raise RouterError(503, f"the router is serving {self.cfg.max_sessions} sessions at once (max_sessions); "
+                              "retry shortly", "too_many_sessions") from None
         if reusable == 0 and session.resident_tokens:
             # the client rewrote history: nothing the worker holds is a prefix of the new prompt
             self.accounting.ledger.settle(session, None, 0)

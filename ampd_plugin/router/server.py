@@ -30,8 +30,10 @@ from ampd_plugin.router.errors import RouterError
 from ampd_plugin.router.executor import make_executor
 from ampd_plugin.router.health import WorkerHealth
 from ampd_plugin.router.limits import guarded_protocol
-from ampd_plugin.router.ledger import KVLedger
+from ampd_plugin.router.history import MAX_OUTPUT_CHARS
+from ampd_plugin.router.ledger import CONNECTOR_DEFAULT_RETENTION_S, KVLedger
 from ampd_plugin.router.metrics import RouterMetrics
+from ampd_plugin.router.failover import StreamFailover
 from ampd_plugin.router.outliers import OutlierDetector
 from ampd_plugin.router.planning import RoundPlanner
 from ampd_plugin.router.recalibration import OnlineRefit
@@ -73,18 +75,25 @@ class Router:
                 w.kv_capacity_tokens = capacity
             self.cluster.add_worker(w)
             self.metrics.worker_up.labels(ep.worker_id, ep.kind).set(1)
-        self.sessions = SessionStore(cfg.session_ttl_s)
+        self.sessions = SessionStore(cfg.session_ttl_s, cfg.max_sessions, cfg.max_stored_prompt_chars)
         self.queues = PrefillQueues(self.cluster, self._order, self._slots, self._on_queue)
         self.ledger = KVLedger(self.cluster, self.sessions, cfg.residency_ttl_s)
+        self.sessions.on_evict = self.ledger.forget  # a session forgotten for the cap: its binding and KV go
         self.engine_signals = EngineSignals(self.cluster, cfg.decode_kv_tokens, on_retention=self.ledger.learn_retention)
         self.health_state = WorkerHealth(self.eps, self.cluster, self.metrics, self.queues, self.ledger, self.sessions)
         self.outliers = OutlierDetector(list(self.eps), self.metrics, self._eject, failures=cfg.eject_after_failures,
                                         base_s=cfg.eject_base_s, max_s=cfg.eject_max_s)
         self.health_state.outliers = self.outliers
         self.accounting = RoundAccounting(cfg, self.cluster, policy, cost_model, self.metrics, self.ledger)
-        self.io = RoundIO(self.eps, self.upstreams, self.cluster, self.queues, self.metrics, self.accounting, cost_model,
-                          self.outliers, cfg.stall_timeout_s)
         self.model_card: dict | None = {"id": cfg.model, "object": "model"} if cfg.model else None
+        failover = None
+        if cfg.engine == "vllm" and cfg.failover_limit > 0:
+            failover = StreamFailover(self.cluster, self.upstreams, self.ledger, self.metrics, limit=cfg.failover_limit,
+                                      kv_connector=cfg.kv_connector, stall_timeout_s=cfg.stall_timeout_s,
+                                      suspect=self.outliers.suspect, mark_dead=self.health_state.mark_dead,
+                                      model=lambda: (self.model_card or {}).get("id"))
+        self.io = RoundIO(self.eps, self.upstreams, self.cluster, self.queues, self.metrics, self.accounting, cost_model,
+                          self.outliers, cfg.stall_timeout_s, failover)
         # The round executor is chosen once, from the engine the workers run.
         executor = make_executor(cfg, self.io, model=lambda: (self.model_card or {}).get("id"))
         self.refit: OnlineRefit | None = None
@@ -101,6 +110,8 @@ class Router:
                                        record_ttl_s=cfg.session_ttl_s, remote_inflight_s=cfg.upstream_timeout_s)
         self.replication.attach(self.accounting)
         self._dropped_seen = 0
+        self._evictions_seen: dict[str, int] = {}
+        self._export_limits()
         self.rounds = RoundRunner(cfg, self.cluster, self.sessions, self.queues, RoundPlanner(cfg, self.cluster, policy, self.metrics, self.outliers.suspect),
                                   executor, self.io, self.accounting, self.health_state, counter, self.replication)
         self._bg: list[asyncio.Task] = []
@@ -198,6 +209,19 @@ class Router:
         except Exception:
             return 0
 
+    def _export_limits(self) -> None:
+        cfg, lim = self.cfg, self.metrics.state_limit
+        lim.labels("sessions", "cap").set(cfg.max_sessions)
+        lim.labels("sessions", "ttl_seconds").set(cfg.session_ttl_s)
+        lim.labels("prompt_text", "cap").set(cfg.max_stored_prompt_chars)
+        lim.labels("session_output_text", "cap").set(MAX_OUTPUT_CHARS)
+        lim.labels("bindings", "cap").set(cfg.max_sessions)  # named bindings: one per session at most
+        # None: each engine's reported retention; the connector's default until it reports
+        lim.labels("residency", "ttl_seconds").set(cfg.residency_ttl_s if cfg.residency_ttl_s is not None
+                                                   else CONNECTOR_DEFAULT_RETENTION_S)
+        lim.labels("request_body", "cap").set(cfg.max_body_bytes)
+        lim.labels("request_head", "cap").set(cfg.max_header_bytes)
+
     def _refresh_state_gauges(self) -> None:
         """Sizes of every table the router keeps (a leak shows as a rising line)."""
         m = self.metrics
@@ -205,7 +229,10 @@ class Router:
         anon = sum(1 for sid in self.cluster.bindings if sid.startswith("anon-"))
         m.bindings.labels("named").set(len(self.cluster.bindings) - anon)
         m.bindings.labels("anonymous").set(anon)
-        m.prompt_chars.set(sum(len(s.last_text) for s in self.sessions))
+        m.prompt_chars.set(self.sessions.stored_chars())
+        for table, seen in (("sessions", self.sessions.evicted), ("prompt_text", self.sessions.shed)):
+            m.state_evictions.labels(table).inc(seen - self._evictions_seen.get(table, 0))
+            self._evictions_seen[table] = seen
         m.ejected.set(self.outliers.ejected_count())
         m.inflight.set(self.ledger.in_flight())
         st = self.store.status()

@@ -22,7 +22,7 @@ import logging
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from ampd_plugin.router import session_ids
 
@@ -93,20 +93,35 @@ def extends_remote(prompt: str, known: tuple | None) -> bool:
     return known is not None and len(prompt) >= known[0] and text_digest(prompt[:known[0]]) == known[1]
 
 
-class SessionStore:
-    """Sessions by id, with idle expiry; expiry reports the KV it frees so the router can account it."""
+class SessionTableFull(Exception):
+    """Every remembered session is in the middle of a round: a new one cannot be admitted."""
 
-    def __init__(self, ttl_s: float) -> None:
-        self.ttl_s = ttl_s
+
+class SessionStore:
+    """Sessions by id, least recently used first, bounded three ways: an idle TTL, a cap on the number of
+    sessions (the least recently used idle one is forgotten for a new one) and a cap on the prompt text
+    kept for incremental counting (the least recently used sessions keep digests of it instead, as when
+    another replica served them: their next round is counted in full, their KV is still reused).
+
+    `on_evict(session)` is told of every session forgotten for the cap (its binding and KV accounting go)."""
+
+    def __init__(self, ttl_s: float, max_sessions: int = 100_000, max_text_chars: int = 256 * 2**20) -> None:
+        self.ttl_s, self.max_sessions, self.max_text_chars = ttl_s, max_sessions, max_text_chars
         self._sessions: dict[str, Session] = {}
+        self.on_evict: Callable[[Session], None] | None = None
+        self.evicted = 0  # sessions forgotten for the count cap
+        self.shed = 0  # sessions whose texts were replaced by digests for the text cap
+        self._chars_bound = 0  # an upper bound of the stored text (exact after each `stored_chars` call)
 
     def get(self, session_id: str, explicit: bool, admit: bool = True) -> Session:
         """The session with this id; a new one is stored now (`admit`) or when `admit(session)` is called."""
-        session = self._sessions.get(session_id)
+        session = self._sessions.pop(session_id, None)
         if session is None:
             session = Session(session_id, explicit)
             if admit:
                 self.admit(session)
+        else:
+            self._sessions[session_id] = session  # most recently used last
         session.last_seen = time.monotonic()
         return session
 
@@ -114,9 +129,46 @@ class SessionStore:
         return self._sessions.get(session_id)
 
     def admit(self, session: Session) -> None:
-        """Remember a named session from now on (anonymous one-round sessions are never stored)."""
-        if session.explicit:
-            self._sessions.setdefault(session.session_id, session)
+        """Remember a named session from now on (anonymous one-round sessions are never stored); called
+        once per accepted round, after the session took its new prompt."""
+        if not session.explicit:
+            return
+        if session.session_id not in self._sessions:
+            if len(self._sessions) >= self.max_sessions:
+                self._evict_one()
+            self._sessions[session.session_id] = session
+        self._chars_bound += len(session.last_text) + len(session.last_output)
+        if self._chars_bound > self.max_text_chars and self.stored_chars() > self.max_text_chars:
+            self._shed_texts(keep=session)
+
+    def stored_chars(self) -> int:
+        """Characters of prompt and output text kept (exact; resets the running bound)."""
+        self._chars_bound = sum(len(s.last_text) + len(s.last_output) for s in self._sessions.values())
+        return self._chars_bound
+
+    def _evict_one(self) -> None:
+        victim = next((s for s in self._sessions.values() if not s.busy), None)
+        if victim is None:
+            raise SessionTableFull(f"all {len(self._sessions)} remembered sessions are busy")
+        del self._sessions[victim.session_id]
+        self.evicted += 1
+        if self.on_evict is not None:
+            self.on_evict(victim)
+
+    def _shed_texts(self, keep: Session) -> None:
+        """Replace the least recently used sessions' texts by digests until 90 % of the cap is left."""
+        target = int(self.max_text_chars * 0.9)
+        for s in list(self._sessions.values()):
+            if self._chars_bound <= target:
+                break
+            if s is keep or not (s.last_text or s.last_output):
+                continue
+            held = s.last_text + s.last_output
+            s.remote_prefix = (len(s.last_text), text_digest(s.last_text), s.last_text_tokens)
+            s.remote_held = (len(held), text_digest(held))
+            self._chars_bound -= len(held)
+            s.last_text = s.last_output = ""
+            self.shed += 1
 
     def __len__(self) -> int:
         return len(self._sessions)

@@ -100,4 +100,5 @@ class VLLMExecutor:
             kv = wire.local_params(session=ctx.session_param)
         if self.kv_connector == "ampd":
             body["kv_transfer_params"] = kv
+        self.io.continuable(ctx, body)
         return body

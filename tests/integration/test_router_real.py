@@ -198,6 +198,54 @@ def test_decode_worker_killed_between_rounds_session_continues(pd_cluster, extra
         router.stop()
 
 
+def test_decode_worker_killed_mid_stream_the_client_stream_completes_equal_to_plain(pd_cluster, extra_decode, log_dir):
+    """SIGKILL the decode worker while it streams: the OpenAI SDK's one stream goes on (continued on the other
+    decode worker from the prompt's and the generated tokens' ids) and equals the plain instance's answer.
+    The router's log proves the kill landed mid-answer (0 < tokens before the failover < max_tokens)."""
+    import re
+
+    import openai
+
+    c = pd_cluster
+    router = RouterProc([c.prefill.url], [extra_decode.url, c.decode.url], "ampd", c.model, log_dir)
+    n = 256
+    try:
+        messages = [{"role": "user", "content": "Mid-stream failover: tell a long story about a lighthouse."}]
+        ref = post(c.plain.url, "/v1/chat/completions", {**chat_body(messages), "max_tokens": n})[1]
+        ref = ref["choices"][0]["message"]["content"]
+        client = openai.OpenAI(base_url=router.url + "/v1", api_key="none", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        stream = client.chat.completions.create(
+            model=model, messages=messages, max_tokens=n, temperature=0.0, stream=True,
+            stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+            extra_headers={"X-Session-ID": "mid-stream"})
+        text, chunks, usage = [], 0, None
+        for chunk in stream:
+            if chunk.usage is not None:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                if choice.delta.content:
+                    text.append(choice.delta.content)
+                    chunks += 1
+                    if chunks == 3:
+                        os.killpg(extra_decode.proc.pid, signal.SIGKILL)  # the decode worker dies mid-answer
+        assert "".join(text) == ref
+        assert usage is not None and usage.completion_tokens == n
+        log = router.log_path.read_text()
+        moved = re.search(r"broke on decode-0 \((stream_\w+)\); continued on decode-1 after (\d+) token", log)
+        assert moved, log[-3000:]
+        assert 0 < int(moved.group(2)) < n
+        metrics = router.metrics()
+        assert 'ampd_router_stream_failovers_total{outcome="continued",worker="decode-0"} 1.0' in metrics
+        # The session lives on where its answer was finished, with that answer as history there.
+        messages += [{"role": "assistant", "content": ref}, {"role": "user", "content": "How does it end?"}]
+        ref2 = answer(*post(c.plain.url, "/v1/chat/completions", chat_body(messages))[:2], False)
+        status, out2, h2 = post(router.url, "/v1/chat/completions", chat_body(messages), {"X-Session-ID": "mid-stream"})
+        assert answer(status, out2, False) == ref2 and h2["x-ampd-decode"] == "decode-1"
+    finally:
+        router.stop()
+
+
 def test_bad_requests_get_openai_errors_and_nothing_breaks(pd_cluster, routers):
     url = routers["remote"].url
     cases = [

@@ -31,10 +31,29 @@ MODEL = "fake-model"
 
 
 
-def answer_tokens(prompt_key: str, n: int) -> list[str]:
-    """The fake model's greedy answer: a pure function of the prompt."""
+def prompt_ids(prompt_key: str) -> list[int]:
+    """The fake tokenizer: a token-id prompt is itself, any other prompt hashes to eight ids."""
+    with contextlib.suppress(ValueError):
+        ids = json.loads(prompt_key)
+        if isinstance(ids, list) and ids and all(isinstance(i, int) for i in ids):
+            return ids
     seed = hashlib.sha256(prompt_key.encode()).hexdigest()
-    return [f" w{int(seed[i % 56:(i % 56) + 8], 16) % 997}" for i in range(n)]
+    return [int(seed[i * 8:(i + 1) * 8], 16) % 997 for i in range(8)]
+
+
+def answer_ids(prompt_key: str, n: int) -> list[int]:
+    """The fake model's greedy answer, autoregressive: each token is a function of the eight before it, so
+    continuing from prompt + the first k tokens gives exactly the rest (what a failover relies on)."""
+    ids = prompt_ids(prompt_key)
+    out: list[int] = []
+    for _ in range(n):
+        nxt = int(hashlib.sha256(",".join(map(str, (ids + out)[-8:])).encode()).hexdigest()[:8], 16) % 997
+        out.append(nxt)
+    return out
+
+
+def answer_tokens(prompt_key: str, n: int) -> list[str]:
+    return [f" w{i}" for i in answer_ids(prompt_key, n)]
 
 
 def prompt_key(body: dict) -> str:
@@ -52,6 +71,8 @@ class FakeEngine:
     healthy: bool = True
     fail_status: int | None = None
     garbage_stream: bytes | None = None  # a streamed answer of these bytes (HTTP 200, no [DONE]) when set
+    die_after_tokens: int | None = None  # SIGKILL-like death after streaming this many tokens
+    stall_after_tokens: int | None = None  # goes silent (stays connected) after this many tokens
     prefill_stats: dict = field(default_factory=dict)  # extra connector stats in prefill responses
     metrics_page: str | None = None  # served on /metrics when set (else 404, as an engine without metrics)
     requests: list[dict] = field(default_factory=list)
@@ -126,7 +147,10 @@ class FakeEngine:
         chat = request.path.endswith("chat/completions")
         ampd = (body.get("kv_transfer_params") or {}).get("ampd") or {}
         n = int(body.get("max_tokens") or body.get("max_completion_tokens") or 8)
-        tokens = answer_tokens(prompt_key(body), n)
+        key = prompt_key(body)
+        ids = answer_ids(key, n)
+        tokens = [f" w{i}" for i in ids]
+        with_ids = bool(body.get("return_token_ids"))
         kv_out = None
         if ampd.get("role") == "prefill":
             source = wire.SourceDescriptor(engine=self.name, te="127.0.0.1:7000", notify="tcp://127.0.0.1:7001",
@@ -153,13 +177,29 @@ class FakeEngine:
             def event(payload: dict) -> bytes:
                 return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
 
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{self.name}-{len(self.requests)}"
+            first = {"prompt_token_ids": prompt_ids(key)} if with_ids else {}
             if chat:
-                await resp.write(event({"id": "x", "object": "chat.completion.chunk", "model": MODEL,
-                                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}))
+                await resp.write(event({"id": rid, "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                                        "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}], **first}))
+                first = {}
             await asyncio.sleep(self.first_token_delay)
-            for tok in tokens:
-                delta = {"delta": {"content": tok}} if chat else {"text": tok}
-                await resp.write(event({"id": "x", "model": MODEL, "choices": [{"index": 0, **delta, "finish_reason": None}]}))
+            for k, (tok, tid) in enumerate(zip(tokens, ids)):
+                if self.die_after_tokens is not None and k == self.die_after_tokens:
+                    await self.die()
+                    return resp
+                if self.stall_after_tokens is not None and k == self.stall_after_tokens:
+                    await asyncio.sleep(3600)
+                last = k == len(tokens) - 1
+                choice = {"index": 0, **({"delta": {"content": tok}} if chat else {"text": tok}),
+                          "finish_reason": "length" if last else None}
+                if with_ids:
+                    choice["token_ids"] = [tid]
+                    if not chat:
+                        choice.update(first)
+                        first = {}
+                await resp.write(event({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                                        "created": 1, "model": MODEL, "choices": [choice]}))
                 if self.token_delay:
                     await asyncio.sleep(self.token_delay)
             if (body.get("stream_options") or {}).get("include_usage"):
