@@ -2,6 +2,7 @@
 hang, or grow its state?
 
     python benchmarks/faults.py [--hostile 10000] [--concurrency 32] [--seed 0] [--json OUT]
+    python benchmarks/faults.py --engines [--sessions 8] [--rounds 4] [--json OUT]   # benchmarks/faults_engines.py
 
 Why: the router promises (router/intake.py, limits.py, session_ids.py) that client input can only earn a
 4xx: 400 for bad JSON, depth, types and session ids, 413 for oversize bodies, 431 for big or many headers,
@@ -478,7 +479,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=1800, help="bound on the whole run, seconds")
     ap.add_argument("--json", help="write the figures here")
+    ap.add_argument("--engines", action="store_true",
+                    help="instead: injected faults (hang, kill -9, restart of workers) on real vLLM-CPU engines "
+                         "under a multi-round load (faults_engines.py)")
+    ap.add_argument("--sessions", type=int, default=8, help="--engines: concurrent sessions per phase")
+    ap.add_argument("--rounds", type=int, default=4, help="--engines: rounds per session")
     args = ap.parse_args(argv)
+    if args.engines:
+        import faults_engines
+
+        return faults_engines.main(args)
     logdir = Path(tempfile.mkdtemp(prefix="faults-bench-"))
 
     def on_term(*_):

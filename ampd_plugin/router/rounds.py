@@ -160,6 +160,15 @@ class RoundRunner:
                         raise upstream_error(exc.status, exc.data) from None
                 except UpstreamTimeout as exc:
                     self.io.release(ctx)
+                    others = [w for w in self.cluster.live_decode() if w.worker_id != exc.worker_id]
+                    if ctx.stream and others and attempt < _MAX_ATTEMPTS - 1:
+                        # A stream whose worker stayed silent for stall_timeout_s before its first byte
+                        # (hung, not dead): nothing reached the client, so the round runs elsewhere.
+                        ctx.fallback = f"retry-after-{exc.worker_id}-stall"
+                        if self.cluster.bindings.get(session.session_id) == exc.worker_id:
+                            self.cluster.unbind_session(session.session_id)
+                            self.accounting.ledger.settle(session, None, 0)
+                        continue
                     self.accounting.finish(ctx, t_first=None, t_last=None, n_out=0, ok=False)
                     raise RouterError(504, f"the engine ({exc.worker_id}) did not answer in time", "upstream_timeout") from None
             raise AssertionError("unreachable")

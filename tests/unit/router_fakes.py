@@ -73,6 +73,7 @@ class FakeEngine:
     garbage_stream: bytes | None = None  # a streamed answer of these bytes (HTTP 200, no [DONE]) when set
     die_after_tokens: int | None = None  # SIGKILL-like death after streaming this many tokens
     stall_after_tokens: int | None = None  # goes silent (stays connected) after this many tokens
+    hang_before_headers: bool = False  # accepts the request, never answers (a SIGSTOPped engine)
     prefill_stats: dict = field(default_factory=dict)  # extra connector stats in prefill responses
     metrics_page: str | None = None  # served on /metrics when set (else 404, as an engine without metrics)
     requests: list[dict] = field(default_factory=list)
@@ -141,6 +142,8 @@ class FakeEngine:
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        if self.hang_before_headers:
+            await asyncio.sleep(3600)
         if self.fail_status:
             return web.json_response({"error": {"message": "injected failure", "type": "x", "code": self.fail_status}},
                                      status=self.fail_status)

@@ -147,3 +147,19 @@ def test_stream_tokens_reads_and_strips_ids_without_parsing():
     # a chunk vLLM sends only because ids were asked for (a token with no text yet) does not reach the client
     empty = b'data: {"id":"c","choices":[{"index":0,"delta":{},"finish_reason":null,"token_ids":[9]}]}'
     assert t.observe(empty) is None and t.generated == [7, 8, 9]
+
+
+def test_a_stream_whose_worker_never_answers_runs_on_another_worker():
+    async def main():
+        async with RouterHarness(n_decode=2, policy="colocated", stall_timeout_s=0.5) as h:
+            await h.chat(USER, session="s")
+            victim = h.router.cluster.bindings["s"]
+            h.decode[int(victim[-1])].hang_before_headers = True  # stopped: connection accepted, no answer
+            msgs = USER + [{"role": "user", "content": "go"}]
+            got = await h.chat(msgs, session="s", stream=True, max_tokens=10)
+            return victim, got, h.router.cluster.bindings["s"]
+
+    victim, (status, text, headers), bound = run(main())
+    msgs = USER + [{"role": "user", "content": "go"}]
+    assert status == 200 and text == _reference(msgs, 10)
+    assert headers["x-ampd-decode"] != victim and bound != victim
