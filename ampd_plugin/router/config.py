@@ -53,6 +53,7 @@ class RouterConfig:
     # Health and timeouts.
     health_interval_s: float = 2.0
     health_timeout_s: float = 2.0
+    health_slow_checks: int = 3  # unanswered health checks in a row that take a worker out (refused: at once)
     connect_timeout_s: float = 5.0
     upstream_timeout_s: float = 600.0  # whole request
     read_timeout_s: float = 120.0  # silence of a non-streaming decode request (its whole generation)
@@ -133,6 +134,9 @@ class RouterConfig:
             raise ValueError("residency_ttl_s must be >= 0 seconds")
         if not 0 < self.refit_max_step < 1 or self.refit_min_samples < 1 or self.refit_interval_s < 0:
             raise ValueError("refit_max_step must be in (0, 1), refit_min_samples >= 1, refit_interval_s >= 0")
+        if isinstance(self.health_slow_checks, bool) or not isinstance(self.health_slow_checks, int) \
+                or self.health_slow_checks < 1:
+            raise ValueError(f"health_slow_checks must be an integer >= 1, not {self.health_slow_checks!r}")
         if self.session_wait_s < 0:
             raise ValueError("session_wait_s must be >= 0 seconds")
         if self.ttft_slo <= 0 or self.itl_slo <= 0:

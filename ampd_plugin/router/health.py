@@ -17,10 +17,14 @@ log = logging.getLogger("ampd.router")
 
 class WorkerHealth:
     def __init__(self, eps: dict[str, Endpoint], cluster: ClusterState, metrics: RouterMetrics,
-                 queues: PrefillQueues, ledger: KVLedger, sessions: SessionStore) -> None:
+                 queues: PrefillQueues, ledger: KVLedger, sessions: SessionStore, slow_checks_to_fail: int = 3) -> None:
         self.eps, self.cluster, self.metrics = eps, cluster, metrics
         self.queues, self.ledger, self.sessions = queues, ledger, sessions
         self.outliers: OutlierDetector | None = None  # set by the router; an ejected worker stays out
+        # An engine busy with a long prefill on a shared CPU can miss one health deadline: only this many
+        # unanswered checks in a row take it out (a refused connection or an error answer does at once).
+        self.slow_checks_to_fail = max(1, slow_checks_to_fail)
+        self._slow: dict[str, int] = {}
 
     def tick(self, result: dict[str, bool]) -> None:
         """One health round: apply it, drop residencies whose pin lapsed, forget sessions idle past their TTL."""
@@ -30,15 +34,23 @@ class WorkerHealth:
             self.ledger.forget(s)
         self.metrics.sessions.set(len(self.sessions))
 
-    def apply(self, result: dict[str, bool]) -> None:
+    def apply(self, result: dict[str, bool | None]) -> None:
+        """True: answered; False: refused or failed; None: did not answer within the health timeout."""
         for wid, ok in result.items():
             w = self.cluster.worker(wid)
+            slow = self._slow.pop(wid, 0) + 1
+            if ok is not None:
+                slow = 0
+            if slow:
+                self._slow[wid] = slow
             if ok and not w.alive and (self.outliers is None or self.outliers.may_return(wid)):
                 log.warning("worker %s (%s) is healthy again", wid, self.eps[wid].url)
                 w.alive = True
                 self.metrics.worker_up.labels(wid, w.kind).set(1)
-            elif not ok and w.alive:
+            elif ok is False and w.alive:
                 self.mark_dead(wid, "health check failed")
+            elif ok is None and w.alive and slow >= self.slow_checks_to_fail:
+                self.mark_dead(wid, f"no answer to {slow} health checks in a row")
 
     def mark_dead(self, wid: str, why: str) -> None:
         """Take a worker out of routing; its sessions lose their history and will be rebound."""

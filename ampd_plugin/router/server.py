@@ -80,7 +80,8 @@ class Router:
         self.ledger = KVLedger(self.cluster, self.sessions, cfg.residency_ttl_s)
         self.sessions.on_evict = self.ledger.forget  # a session forgotten for the cap: its binding and KV go
         self.engine_signals = EngineSignals(self.cluster, cfg.decode_kv_tokens, on_retention=self.ledger.learn_retention)
-        self.health_state = WorkerHealth(self.eps, self.cluster, self.metrics, self.queues, self.ledger, self.sessions)
+        self.health_state = WorkerHealth(self.eps, self.cluster, self.metrics, self.queues, self.ledger, self.sessions,
+                                         cfg.health_slow_checks)
         self.outliers = OutlierDetector(list(self.eps), self.metrics, self._eject, failures=cfg.eject_after_failures,
                                         base_s=cfg.eject_base_s, max_s=cfg.eject_max_s)
         self.health_state.outliers = self.outliers

@@ -24,6 +24,12 @@ from ampd_plugin.router.errors import RouterError
 
 log = logging.getLogger("ampd.router")
 
+# vLLM and SGLang serve through uvicorn, which closes a keep-alive connection idle for 5 s
+# (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, uvicorn's timeout_keep_alive). aiohttp keeps idle connections 15 s by
+# default, so a request sent on a connection the engine had just closed failed ("Can not write request
+# body", "Server disconnected") and a healthy engine was taken for dead. Idle connections are dropped sooner.
+_KEEPALIVE_S = 4.0
+
 
 class UpstreamTimeout(Exception):
     """An engine accepted the connection but did not answer in time (slow, not necessarily dead)."""
@@ -90,7 +96,8 @@ class Upstreams:
 
     async def start(self) -> None:
         # limit=0: no pool cap (the router's own queues bound the work); keep-alive connections are reused.
-        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True)
+        connector = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, enable_cleanup_closed=True,
+                                         keepalive_timeout=_KEEPALIVE_S)
         self.session = aiohttp.ClientSession(
             connector=connector, timeout=self._timeout, auto_decompress=False, skip_auto_headers=("User-Agent",)
         )
@@ -111,7 +118,15 @@ class Upstreams:
         assert self.session is not None, "Upstreams.start() first"
         url = self.eps[worker_id].url + path
         try:
-            return await self.session.post(url, data=data, headers=headers, timeout=timeout or self._timeout)
+            try:
+                return await self.session.post(url, data=data, headers=headers, timeout=timeout or self._timeout)
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
+                if isinstance(exc, aiohttp.ClientConnectorError):
+                    raise  # refused or unreachable: a new connection would fail the same way
+                # A pooled connection the engine closed as we reused it (the keep-alive race): the engine
+                # answered nothing, so the request goes once more on a fresh connection.
+                log.debug("%s: retrying on a new connection after %s", worker_id, exc)
+                return await self.session.post(url, data=data, headers=headers, timeout=timeout or self._timeout)
         except aiohttp.ConnectionTimeoutError as exc:
             raise WorkerDown(worker_id, f"connect timeout: {exc}") from exc
         except asyncio.TimeoutError as exc:
@@ -154,16 +169,24 @@ class Upstreams:
         except ValueError:
             return None
 
-    async def healthy(self, worker_id: str) -> bool:
-        got = await self.get(worker_id, "/health")
-        return got is not None and got[0] == 200
+    async def healthy(self, worker_id: str) -> bool | None:
+        """True: answered 200. False: refused, reset or answered an error. None: no answer in time (slow)."""
+        assert self.session is not None, "Upstreams.start() first"
+        try:
+            async with self.session.get(self.eps[worker_id].url + "/health", timeout=self._health_timeout) as r:
+                await r.read()
+                return r.status == 200
+        except asyncio.TimeoutError:  # aiohttp's connect and read timeouts are TimeoutErrors too
+            return None
+        except (aiohttp.ClientError, OSError):
+            return False
 
-    async def check_all(self) -> dict[str, bool]:
+    async def check_all(self) -> dict[str, bool | None]:
         ids = list(self.eps)
         results = await asyncio.gather(*(self.healthy(w) for w in ids))
         return dict(zip(ids, results))
 
-    async def health_loop(self, interval_s: float, on_result: Callable[[dict[str, bool]], Awaitable[None] | None]) -> None:
+    async def health_loop(self, interval_s: float, on_result: Callable[[dict[str, bool | None]], Awaitable[None] | None]) -> None:
         """Poll /health of every worker forever; `on_result` applies the changes."""
         while True:
             try:
