@@ -3,6 +3,7 @@ hang, or grow its state?
 
     python benchmarks/faults.py [--hostile 10000] [--concurrency 32] [--seed 0] [--json OUT]
     python benchmarks/faults.py --engines [--sessions 8] [--rounds 4] [--json OUT]   # benchmarks/faults_engines.py
+    python benchmarks/faults.py --soak MINUTES [--rate R] [--json OUT]               # benchmarks/faults_soak.py
 
 Why: the router promises (router/intake.py, limits.py, session_ids.py) that client input can only earn a
 4xx: 400 for bad JSON, depth, types and session ids, 413 for oversize bodies, 431 for big or many headers,
@@ -25,7 +26,6 @@ import json
 import random
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -36,14 +36,15 @@ from pathlib import Path
 import aiohttp
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests" / "unit")]  # router_fakes (and its policy_fakes) live there
+# router_fakes (and its policy_fakes) live in tests/unit; router_process and the other fault runs beside this file
+sys.path[:0] = [str(REPO), str(REPO / "tests" / "unit"), str(REPO / "benchmarks")]
 
 from ampd_plugin.localcluster import free_port  # noqa: E402
 from ampd_plugin.router.config import RouterConfig  # noqa: E402
 from router_fakes import MODEL, FakeEngine, answer_tokens, prompt_key  # noqa: E402
+from router_process import STATE, rss_kib, spawn, state_sizes, stop, wait_ready  # noqa: E402
 
 DEFAULTS = RouterConfig()
-STATE = ("ampd_router_sessions", "ampd_router_bindings", "ampd_router_stored_prompt_chars", "ampd_router_rounds_in_flight")
 CHAT = "/v1/chat/completions"
 USER = [{"role": "user", "content": "hello"}]
 Outcome = int | str  # an HTTP status, or what happened instead: closed, reset, hung, error:<type>
@@ -312,59 +313,6 @@ async def valid_conversation(c: Client, sid: str, stream_first: bool) -> Outcome
     return 200
 
 
-# ------------------------------------------------------------------------------------------ router process
-def rss_kib(pid: int) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        return None
-    return None
-
-
-async def state_sizes(http: aiohttp.ClientSession, url: str) -> dict[str, float] | None:
-    try:
-        async with http.get(url + "/metrics", timeout=aiohttp.ClientTimeout(total=10)) as r:
-            text = await r.text()
-    except (aiohttp.ClientError, asyncio.TimeoutError):
-        return None
-    out = dict.fromkeys(STATE, 0.0)
-    for line in text.splitlines():
-        name = line.split("{", 1)[0].split(" ", 1)[0]
-        if name in out:
-            out[name] += float(line.rsplit(" ", 1)[1])  # bindings: sum over its `kind` label
-    return out
-
-
-async def wait_ready(proc: subprocess.Popen, url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise RuntimeError(f"router exited with {proc.returncode} before it was ready")
-            try:
-                async with http.get(url + "/health") as r:
-                    if r.status == 200:
-                        return
-            except (aiohttp.ClientError, asyncio.TimeoutError):
-                pass
-            await asyncio.sleep(0.2)
-    raise RuntimeError(f"router not ready after {timeout:g} s")
-
-
-def stop(proc: subprocess.Popen | None) -> None:
-    """SIGTERM this PID, SIGKILL it after 10 s."""
-    if proc is None or proc.poll() is not None:
-        return
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
-
-
 # ------------------------------------------------------------------------------------------ the run
 async def run(args: argparse.Namespace, logdir: Path) -> dict:
     fakes = [FakeEngine("P0"), FakeEngine("D0")]
@@ -374,10 +322,8 @@ async def run(args: argparse.Namespace, logdir: Path) -> dict:
             await f.start()
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "ampd_plugin.cli", "route", "--prefill", fakes[0].url, "--decode", fakes[1].url,
-               "--kv-connector", "ampd", "--host", "127.0.0.1", "--port", str(port)]
-        with open(logdir / "router.log", "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+        proc = spawn(["--prefill", fakes[0].url, "--decode", fakes[1].url, "--kv-connector", "ampd",
+                      "--host", "127.0.0.1", "--port", str(port)], logdir / "router.log")
         await wait_ready(proc, url)
 
         rng = random.Random(args.seed)
@@ -455,7 +401,7 @@ def report(r: dict) -> str:
     lines += ["",
               f"requests {r['requests']} in {r['wall_s']} s (seed {r['seed']}, concurrency {r['concurrency']})",
               f"5xx: {r['n_5xx']}   hung: {r['n_hung']}   valid requests ok (200): {r['valid_ok']}/{r['valid']}",
-              f"outside the contract (EXPECT; informative, not an exit failure): "
+              "outside the contract (EXPECT; informative, not an exit failure): "
               + (", ".join(f"{n} {o}" for n, o in r["unexpected"].items()) or "none"),
               f"router alive after: {r['router_alive']} (GET /health: {r['health_after']})",
               f"router RSS: {r['rss_kib_before']} KiB before, {r['rss_kib_after']} KiB after",
@@ -484,7 +430,18 @@ def main(argv: list[str] | None = None) -> int:
                          "under a multi-round load (faults_engines.py)")
     ap.add_argument("--sessions", type=int, default=8, help="--engines: concurrent sessions per phase")
     ap.add_argument("--rounds", type=int, default=4, help="--engines: rounds per session")
+    ap.add_argument("--soak", type=float, metavar="MINUTES",
+                    help="instead: a long multi-round load near the router's knee; RSS growth and leftover state "
+                         "(faults_soak.py)")
+    ap.add_argument("--rate", type=float, help="--soak: rounds/s offered (default: 80 %% of a calibrated maximum)")
+    ap.add_argument("--session-ttl", type=float, default=60.0, help="--soak: the router's session_ttl_s")
     args = ap.parse_args(argv)
+    if args.soak is not None:
+        if args.soak <= 0 or args.session_ttl <= 0 or (args.rate is not None and args.rate <= 0):
+            ap.error("--soak, --rate and --session-ttl must be positive")
+        import faults_soak
+
+        return faults_soak.main(args)
     if args.engines:
         import faults_engines
 

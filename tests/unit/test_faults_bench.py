@@ -44,3 +44,17 @@ def test_a_valid_40kb_request_sent_in_one_write_succeeds(result):
     code, r, _ = result
     assert r["by_case"]["valid_40KB_one_write"] == {"200": sum(r["by_case"]["valid_40KB_one_write"].values())}
     assert code == 0
+
+
+def test_a_short_soak_leaves_no_state_and_fails_no_round(tmp_path):
+    """The soak mode end to end on a real router process, shortened: every round exact, tables empty after
+    one session TTL of idleness (RSS growth over 15 s is not meaningful; the long run is in docs/)."""
+    out = tmp_path / "soak.json"
+    t0 = time.monotonic()
+    faults.main(["--soak", "0.25", "--session-ttl", "3", "--rate", "40", "--json", str(out)])
+    r = json.loads(out.read_text())
+    assert time.monotonic() - t0 < 60
+    assert r["failed"] == {} and r["rounds_ok"] > 100 and r["router_alive"]
+    assert r["state_idle"] == {"ampd_router_sessions": 0.0, "ampd_router_bindings": 0.0,
+                               "ampd_router_stored_prompt_chars": 0.0, "ampd_router_rounds_in_flight": 0.0}
+    assert len(r["samples"]) >= 2 and all(s["rss_kib"] for s in r["samples"])
